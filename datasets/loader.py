@@ -1,0 +1,145 @@
+"""Resumable loading for map-style datasets: a seeded global order, split across processes, that can
+start anywhere in an epoch.
+
+The order of epoch ``e`` is a permutation seeded by ``(seed, e)``; global batch ``k`` is
+``order[k*W*B : (k+1)*W*B]`` and rank ``r`` takes its ``r``-th slice of ``B``. The loader's state is
+``(epoch, samples consumed in the epoch by all ranks)``, so a run resumed with another number of
+processes (or workers) continues with exactly the samples it had not seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from cadenza.engine.dist import DistInfo
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    if not shuffle:
+        return torch.arange(num_samples)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_samples, generator=generator)
+
+
+class ResumableSampler(Sampler[int]):
+    """This rank's indices for one epoch, starting after ``start`` globally consumed samples."""
+
+    def __init__(self, num_samples: int, batch_size: int, dist: DistInfo, seed: int, shuffle: bool, drop_last: bool):
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.dist = dist
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.dist.world_size
+
+    def batches_per_epoch(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.global_batch
+        return -(-self.num_samples // self.global_batch)
+
+    def __iter__(self) -> Iterator[int]:
+        order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle)
+        end = self.batches_per_epoch() * self.global_batch if self.drop_last else self.num_samples
+        for first in range(self.start, end, self.global_batch):
+            chunk = order[first : min(first + self.global_batch, end)]
+            yield from chunk[self.dist.rank * self.batch_size : (self.dist.rank + 1) * self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        end = self.batches_per_epoch() * self.global_batch if self.drop_last else self.num_samples
+        full, rest = divmod(max(end - self.start, 0), self.global_batch)
+        return full * self.batch_size + min(self.batch_size, max(rest - self.dist.rank * self.batch_size, 0))
+
+
+class ResumableLoader:
+    """Batches of ``(images, tokens)`` from a map-style dataset, with ``state_dict`` for exact resume.
+
+    Args:
+        dataset: returns ``(image tensor, token ids)`` for an index.
+        batch_size: per process.
+        dist: this process's rank and the world size.
+        seed: seeds the per-epoch order.
+        shuffle / drop_last: True for training; False (every sample once) for evaluation.
+        workers, pin_memory, persistent_workers, prefetch_factor: ``torch.utils.data.DataLoader``'s.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        dist: DistInfo,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        prefetch_factor: int = 2,
+    ) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.sampler = ResumableSampler(len(dataset), batch_size, dist, seed, shuffle, drop_last)
+        if self.sampler.batches_per_epoch() == 0:
+            raise ValueError(
+                f"the dataset has {len(dataset)} samples, fewer than one global batch "
+                f"({batch_size} x {dist.world_size} processes); lower data.batch_size or add data"
+            )
+        worker_args: dict[str, Any] = {}
+        if workers > 0:
+            worker_args = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor}
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            drop_last=False,
+            collate_fn=getattr(dataset, "collate_fn", None),
+            **worker_args,
+        )
+        self._consumed_batches = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of ``batch_size`` each process gets per epoch."""
+        return self.sampler.batches_per_epoch()
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to the start of ``epoch``."""
+        self.sampler.epoch = epoch
+        self.sampler.start = 0
+        self._consumed_batches = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        """Yield the rest of the current epoch (all of it after ``set_epoch``)."""
+        for batch in self.loader:
+            self._consumed_batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        consumed = self.sampler.start + self._consumed_batches * self.sampler.global_batch
+        return {"epoch": self.sampler.epoch, "sample_in_epoch": consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.epoch = int(state["epoch"])
+        self.sampler.start = int(state["sample_in_epoch"])
+        self._consumed_batches = 0
+        if self.sampler.start % self.sampler.global_batch:
+            raise ValueError(
+                f"the checkpoint stopped after {self.sampler.start} samples of epoch {self.sampler.epoch}, "
+                f"not a multiple of the global batch ({self.sampler.global_batch}); resume with the same "
+                "data.batch_size x processes, or one that divides it"
+            )

@@ -1,0 +1,158 @@
+"""Built-in callbacks: training metrics with windowed throughput, and validation retrieval metrics.
+
+User-selectable callbacks register here under ``CALLBACKS`` (YAML ``callbacks:``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from cadenza.engine import dist
+from cadenza.engine.algorithm import Callback
+from cadenza.engine.registry import CALLBACKS  # noqa: F401 - the registry user callbacks join
+
+if TYPE_CHECKING:
+    from cadenza.engine.logger import Logger
+    from cadenza.engine.state import State
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so wall-clock windows measure finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TrainMetrics(Callback):
+    """Every ``interval`` steps: losses, LR, logit scale and throughput averaged over the window.
+
+    Losses are accumulated on the device without synchronizing; the device is synchronized once per
+    window, so samples/s is the real rate over the whole window, not one step's.
+
+    Args:
+        interval: steps per logging window.
+    """
+
+    def __init__(self, interval: int) -> None:
+        self.interval = max(interval, 1)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._window_start = time.perf_counter()
+        self._data_time = 0.0
+        self._steps = 0
+        self._samples = 0
+        self._loss_sums: dict[str, torch.Tensor] = {}
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        synchronize(state.device)
+        self._reset()
+
+    def before_dataloader(self, state: State, logger: Logger) -> None:
+        self._data_start = time.perf_counter()
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        self._data_time += time.perf_counter() - self._data_start
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        self._steps += 1
+        self._samples += state.samples_per_batch
+        for name, value in {"loss": state.loss, **state.loss_dict}.items():
+            value = value.detach().float()
+            self._loss_sums[name] = self._loss_sums[name] + value if name in self._loss_sums else value
+        if state.timestamp.batch % self.interval == 0 or state.is_done:
+            self._log(state, logger)
+
+    def _log(self, state: State, logger: Logger) -> None:
+        synchronize(state.device)
+        elapsed = time.perf_counter() - self._window_start
+        losses = {name: dist.all_reduce_mean(total / self._steps).item() for name, total in self._loss_sums.items()}
+        model = state.model
+        metrics = {f"train/{name}": value for name, value in losses.items()}
+        metrics.update(
+            {
+                "train/lr": state.optimizer.param_groups[0]["lr"],
+                "train/logit_scale": model.logit_scale.exp().item(),
+                "train/samples_per_second": self._samples / elapsed,
+                "train/samples_per_second_per_gpu": self._samples / elapsed / state.dist.world_size,
+                "train/data_time": self._data_time / self._steps,
+                "train/batch_time": elapsed / self._steps,
+                "train/epoch": state.timestamp.epoch,
+                "train/samples": state.timestamp.sample,
+            }
+        )
+        logger.log_metrics(metrics, state.timestamp.batch)
+        self._reset()
+
+
+class RetrievalEvaluator(Callback):
+    """Validation contrastive loss and image↔text retrieval (mean/median rank, R@1/5/10) on ``data.val``.
+
+    Features of every process are gathered; ranks are computed in chunks of ``chunk_size`` rows, so
+    memory grows with N·chunk, not N².
+    """
+
+    def __init__(self, chunk_size: int = 1024) -> None:
+        self.chunk_size = chunk_size
+
+    def eval_start(self, state: State, logger: Logger) -> None:
+        self._images: list[torch.Tensor] = []
+        self._texts: list[torch.Tensor] = []
+
+    def eval_batch_end(self, state: State, logger: Logger) -> None:
+        self._images.append(state.outputs["image_features"].float().cpu())
+        self._texts.append(state.outputs["text_features"].float().cpu())
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        images, texts = _gather_rows(torch.cat(self._images)), _gather_rows(torch.cat(self._texts))
+        scale = state.model.logit_scale.exp().item()
+        metrics = {"val/clip_val_loss": contrastive_loss(images, texts, scale, self.chunk_size)}
+        metrics.update(retrieval_metrics(images, texts, self.chunk_size))
+        metrics["val/num_samples"] = len(images)
+        state.eval_metrics.update(metrics)
+        logger.log_metrics(metrics, state.timestamp.batch)
+
+
+def _gather_rows(local: torch.Tensor) -> torch.Tensor:
+    if dist.get_world_size() == 1:
+        return local
+    parts: list[torch.Tensor | None] = [None] * dist.get_world_size()
+    torch.distributed.all_gather_object(parts, local)
+    return torch.cat(parts)
+
+
+def _ranks(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """0-based rank of the matching key (same row index) for each query, computed chunk by chunk."""
+    ranks = []
+    for start in range(0, len(queries), chunk_size):
+        chunk = queries[start : start + chunk_size]  # (C, D)
+        scores = chunk @ keys.T  # (C, N)
+        target = scores[torch.arange(len(chunk)), torch.arange(start, start + len(chunk))]  # (C,)
+        ranks.append((scores > target[:, None]).sum(dim=1))
+    return torch.cat(ranks)
+
+
+def retrieval_metrics(images: torch.Tensor, texts: torch.Tensor, chunk_size: int = 1024) -> dict[str, float]:
+    """OpenCLIP's retrieval metrics for paired rows of normalized features."""
+    metrics = {}
+    for name, queries, keys in (("image_to_text", images, texts), ("text_to_image", texts, images)):
+        ranks = _ranks(queries, keys, chunk_size).float()
+        metrics[f"val/{name}_mean_rank"] = ranks.mean().item() + 1
+        metrics[f"val/{name}_median_rank"] = float(torch.floor(torch.quantile(ranks, 0.5)).item() + 1)
+        for k in (1, 5, 10):
+            metrics[f"val/{name}_R@{k}"] = (ranks < k).float().mean().item()
+    return metrics
+
+
+def contrastive_loss(images: torch.Tensor, texts: torch.Tensor, scale: float, chunk_size: int = 1024) -> float:
+    """Symmetric cross-entropy over the whole validation set, chunked by rows."""
+    total = 0.0
+    for queries, keys in ((images, texts), (texts, images)):
+        for start in range(0, len(queries), chunk_size):
+            logits = scale * queries[start : start + chunk_size] @ keys.T  # (C, N)
+            labels = torch.arange(start, start + len(logits))
+            total += F.cross_entropy(logits, labels, reduction="sum").item()
+    return total / (2 * len(images))

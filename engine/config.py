@@ -1,0 +1,274 @@
+"""The typed configuration: YAML + ``key=value`` overrides → validated sections, or a ``ConfigError``.
+
+Every default lives in the dataclasses below and nowhere else. Validation happens in ``load_config``
+before any work starts: unknown keys (with the closest valid key suggested), wrong types, bad time
+strings, unknown registry names and impossible combinations all raise ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cadenza.engine.errors import ConfigError, suggest
+from cadenza.engine.time import Time, TimeUnit
+
+PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16", "fp16")
+SCHEDULERS = ("cosine", "const", "const-cooldown")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None  # run folder name; a date-model-lr string when unset
+    seed: int = 0
+    logs: str = "./logs"  # runs live in <logs>/<name>/
+    duration: str = "1ep"  # ep | ba (optimizer steps) | sp
+    precision: str = "fp32"  # fp32 | amp (fp16 + GradScaler) | amp_bf16 | bf16 | fp16 (weights cast)
+    device: str = "auto"  # auto picks cuda when available
+    log_interval: str = "10ba"  # how often metrics are computed and written
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-vit"  # an OpenCLIP architecture name (see README)
+    pretrained: str | None = None  # path to a checkpoint whose 'state_dict' (or itself) holds weights
+    overrides: dict[str, Any] = field(default_factory=dict)  # architecture fields to change
+
+
+@dataclass
+class LossConfig:
+    name: str = "clip"  # clip | siglip | coca | distill
+    local_loss: bool = False  # logits of local rows against all columns: O(B*N) memory
+    gather_with_grad: bool = False  # gather features with gradients (exact with local_loss)
+
+
+@dataclass
+class DataConfig:
+    train: dict[str, Any] | None = None  # {type: synthetic|..., <that dataset's arguments>}
+    val: dict[str, Any] | None = None
+    batch_size: int = 64  # per process and per micro-batch
+    workers: int = 4  # DataLoader worker processes per training process
+    pin_memory: bool = True  # only takes effect on CUDA
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5.0e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1.0e-6
+    weight_decay: float = 0.2
+    warmup: str = "10000ba"  # linear warmup from 0; counts in the run's optimizer steps
+    scheduler: str = "cosine"  # cosine | const | const-cooldown
+    cooldown: str | None = None  # const-cooldown: length of the final decay
+    cooldown_power: float = 1.0  # 1 = linear cooldown
+    cooldown_end_lr: float = 0.0
+    grad_clip_norm: float | None = None  # shorthand for algorithms.gradient_clipping.norm
+    accum_freq: int = 1  # micro-batches per optimizer step (features cached, OpenCLIP's way)
+
+
+@dataclass
+class CheckpointConfig:
+    save_folder: str | None = None  # default <run folder>/checkpoints
+    save_interval: str = "1ep"  # ep | ba | sp | wall-clock (s, m, h)
+    keep: int = -1  # numbered checkpoints kept (newest first); -1 keeps all
+    save_latest: bool = True  # also keep epoch_latest.pt, the newest checkpoint
+    resume: str | None = None  # a checkpoint path, or 'latest' (newest in save_folder; fresh start if none)
+
+
+@dataclass
+class EvalConfig:
+    interval: str = "1ep"  # evaluate data.val this often (and at the end)
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+
+
+@dataclass
+class CadenzaConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    algorithms: dict[str, Any] = field(default_factory=dict)
+    loggers: dict[str, Any] = field(default_factory=lambda: {"console": {}, "jsonl": {}})
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+# -- loading -----------------------------------------------------------------------------------------
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Read a YAML file, apply ``key=value`` overrides, and validate. Raises ``ConfigError``."""
+    user = OmegaConf.create()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("config", f"file '{path}' does not exist.")
+        try:
+            user = OmegaConf.load(path)
+        except Exception as error:  # noqa: BLE001 - any YAML syntax error becomes a ConfigError
+            raise ConfigError("config", f"cannot read '{path}': {error}") from error
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "command-line overrides are written key=value, e.g. optim.lr=1e-4.")
+    try:
+        user = OmegaConf.merge(user, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as error:
+        raise ConfigError("overrides", str(error)) from error
+    return build_config(user)
+
+
+def build_config(user: DictConfig | dict[str, Any]) -> DictConfig:
+    """Validate a user config (a mapping) against the schema and return the resolved, typed config."""
+    if not isinstance(user, DictConfig):
+        user = OmegaConf.create(user)
+    _apply_shorthands(user)
+    _check_keys(user, CadenzaConfig, "")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(CadenzaConfig), user)
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "config"
+        raise ConfigError(str(key), _short_omegaconf_message(error)) from error
+    _drop_disabled(cfg)
+    _check_values(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def _apply_shorthands(user: DictConfig) -> None:
+    """``optim.grad_clip_norm`` is OpenCLIP's flag; it becomes the ``gradient_clipping`` algorithm."""
+    norm = OmegaConf.select(user, "optim.grad_clip_norm")
+    if norm is None:
+        return
+    if OmegaConf.select(user, "algorithms.gradient_clipping") is not None:
+        raise ConfigError(
+            "optim.grad_clip_norm",
+            "set either optim.grad_clip_norm or algorithms.gradient_clipping, not both.",
+        )
+    OmegaConf.update(user, "algorithms.gradient_clipping", {"norm": norm}, force_add=True)
+
+
+def _check_keys(node: Any, schema: type, prefix: str) -> None:
+    if not isinstance(node, DictConfig):
+        if node is not None:
+            raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping of keys, got {node!r}.")
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}", f"unknown key.{suggest(str(key), fields)}")
+        sub = fields[key].type
+        nested = _dataclass_of(sub)
+        if nested is not None:
+            _check_keys(node._get_node(key), nested, f"{prefix}{key}.")
+
+
+def _dataclass_of(annotation: Any) -> type | None:
+    if isinstance(annotation, str):
+        annotation = globals().get(annotation.split(" |")[0])
+    return annotation if inspect.isclass(annotation) and dataclasses.is_dataclass(annotation) else None
+
+
+def _short_omegaconf_message(error: OmegaConfBaseException) -> str:
+    message = str(error).split("\n")[0]
+    return f"{message}. Check the value's type against the README's YAML reference."
+
+
+def _drop_disabled(cfg: DictConfig) -> None:
+    """``loggers.console: null`` (or ``false``) switches a default entry off."""
+    for section in ("algorithms", "loggers", "callbacks"):
+        mapping = cfg[section]
+        for name in [k for k, v in mapping.items() if v is None or v is False]:
+            del mapping[name]
+        for name, value in mapping.items():
+            if value is True:
+                mapping[name] = {}
+            elif not isinstance(value, DictConfig):
+                raise ConfigError(f"{section}.{name}", f"expected a mapping of arguments (or {{}}), got {value!r}.")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"'{value}' is not one of {', '.join(choices)}.{suggest(value, choices)}")
+
+
+def _check_values(cfg: DictConfig) -> None:
+    from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, MODELS
+
+    _check_choice("run.precision", cfg.run.precision, PRECISIONS)
+    _check_choice("run.device", cfg.run.device, DEVICES)
+    _check_choice("optim.scheduler", cfg.optim.scheduler, SCHEDULERS)
+    duration = Time.parse(cfg.run.duration, "run.duration")
+    if duration.unit == TimeUnit.DURATION:
+        raise ConfigError("run.duration", "cannot be a fraction of itself; use ep, ba or sp.")
+    if duration.value <= 0:
+        raise ConfigError("run.duration", "must be greater than zero.")
+    log_interval = Time.parse(cfg.run.log_interval, "run.log_interval")
+    if log_interval.value <= 0:
+        raise ConfigError("run.log_interval", "must be greater than zero, e.g. '10ba'.")
+    Time.parse(cfg.optim.warmup, "optim.warmup")
+    Time.parse(cfg.checkpoint.save_interval, "checkpoint.save_interval", allow_wall_clock=True)
+    Time.parse(cfg.eval.interval, "eval.interval")
+    if cfg.optim.scheduler == "const-cooldown":
+        if cfg.optim.cooldown is None:
+            raise ConfigError("optim.cooldown", "optim.scheduler=const-cooldown needs a cooldown length, e.g. '1ep'.")
+        Time.parse(cfg.optim.cooldown, "optim.cooldown")
+    elif cfg.optim.cooldown is not None:
+        raise ConfigError("optim.cooldown", f"only used by optim.scheduler=const-cooldown (got '{cfg.optim.scheduler}').")
+    if cfg.optim.lr < 0:
+        raise ConfigError("optim.lr", "must not be negative.")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError("optim.betas", f"expected two numbers in [0, 1), got {list(cfg.optim.betas)}.")
+    for key in ("optim.accum_freq", "data.batch_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(key, "must be at least 1.")
+    if cfg.data.workers < 0:
+        raise ConfigError("data.workers", "must be 0 (load in the main process) or more.")
+    if cfg.checkpoint.keep == 0 or cfg.checkpoint.keep < -1:
+        raise ConfigError("checkpoint.keep", "keep at least 1 checkpoint, or -1 to keep all.")
+    if cfg.checkpoint.resume == "latest" and cfg.run.name is None:
+        raise ConfigError(
+            "checkpoint.resume", "'latest' needs a fixed run.name, so that a restarted job finds its own run folder."
+        )
+    MODELS.get(cfg.model.name, "model.name")
+    for split in ("train", "val"):
+        dataset = cfg.data[split]
+        if dataset is None:
+            continue
+        if "type" not in dataset:
+            raise ConfigError(f"data.{split}.type", f"missing. Choose one of {', '.join(DATASETS.names())}.")
+        args = {k: v for k, v in dataset.items() if k != "type"}
+        DATASETS.check_args(dataset.type, args, f"data.{split}", runtime=DATASET_RUNTIME_ARGS)
+    if cfg.data.train is None and cfg.data.val is None:
+        raise ConfigError("data.train", "nothing to do: set data.train (to train) or data.val (to evaluate).")
+    for section, registry, runtime in (
+        ("algorithms", ALGORITHMS, ()),
+        ("loggers", LOGGERS, LOGGER_RUNTIME_ARGS),
+        ("callbacks", CALLBACKS, ()),
+    ):
+        for name, args in cfg[section].items():
+            registry.check_args(name, OmegaConf.to_container(args), f"{section}.{name}", runtime=runtime)
+
+
+#: arguments a dataset builder gets from the trainer, never from YAML
+DATASET_RUNTIME_ARGS = ("image_size", "context_length", "vocab_size", "seed", "transform", "tokenizer")
+#: arguments a logger gets from the trainer
+LOGGER_RUNTIME_ARGS = ("run_dir",)

@@ -1,0 +1,74 @@
+"""AdamW with OpenCLIP's weight-decay rule, and its learning-rate schedules as ``LambdaLR`` factors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+
+def excluded_from_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """OpenCLIP 3.3.0's rule: no decay for gains, biases and the temperature.
+
+    A parameter is exempt when it has fewer than 2 dims or its name contains ``bn``, ``ln``, ``bias`` or
+    ``logit_scale``. Token and positional embeddings are decayed (as in 3.3.0).
+    """
+    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed and exempt. Frozen parameters are left out, as OpenCLIP does."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    exempt = [p for n, p in named if excluded_from_weight_decay(n, p)]
+    decayed = [p for n, p in named if not excluded_from_weight_decay(n, p)]
+    return [{"params": exempt, "weight_decay": 0.0}, {"params": decayed, "weight_decay": weight_decay}]
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.AdamW:
+    """AdamW from ``optim`` (lr, betas, eps, weight_decay). Fused kernels on CUDA."""
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
+        fused=fused or None,
+    )
+
+
+def lr_factor(
+    scheduler: str, warmup: int, total: int, cooldown: int = 0, cooldown_power: float = 1.0, end_factor: float = 0.0
+) -> Callable[[int], float]:
+    """The factor on the base LR at step ``s`` (0-based), as OpenCLIP's ``scheduler.py`` computes it.
+
+    Warmup: ``(s + 1) / warmup``. ``cosine``: ``0.5 (1 + cos(pi e / es))`` with ``e = s - warmup``,
+    ``es = total - warmup``. ``const``: 1. ``const-cooldown``: 1 until ``total - cooldown``, then
+    ``(1 - e / es) ** power`` from 1 down to ``end_factor`` (``cooldown_end_lr / lr``).
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        if scheduler == "const":
+            return 1.0
+        start = total - cooldown
+        if step < start:
+            return 1.0
+        decay = max(1 - (step - start) / cooldown, 0.0) ** cooldown_power
+        return decay * (1 - end_factor) + end_factor
+
+    return factor
+
+
+def build_scheduler(
+    cfg: DictConfig, optimizer: torch.optim.Optimizer, warmup: int, total: int, cooldown: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``optim.scheduler`` over ``total`` steps, ``warmup`` and ``cooldown`` already in steps."""
+    end_factor = cfg.cooldown_end_lr / cfg.lr if cfg.lr else 0.0
+    factor = lr_factor(cfg.scheduler, warmup, total, cooldown, cfg.cooldown_power, end_factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,441 @@
+"""The trainer: builds every component from the config, then runs the loop, firing events.
+
+No feature lives here as an ``if config.x`` branch: techniques are algorithms, observers are callbacks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from cadenza.datasets.loader import ResumableLoader
+from cadenza.engine import dist
+from cadenza.engine.callbacks import RetrievalEvaluator, TrainMetrics
+from cadenza.engine.checkpoint import CheckpointSaver, find_latest, load_checkpoint
+from cadenza.engine.config import to_yaml
+from cadenza.engine.engine import Engine, check_algorithms
+from cadenza.engine.errors import ConfigError, TrainingError
+from cadenza.engine.event import Event
+from cadenza.engine.logger import Logger, setup_logging
+from cadenza.engine.optim import build_optimizer, build_scheduler
+from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, MODELS
+from cadenza.engine.state import State
+from cadenza.engine.time import Time
+
+log = logging.getLogger("cadenza")
+
+#: output keys that are scalars shared by the batch, not per-sample features (never cached or concatenated)
+SHARED_OUTPUTS = ("logit_scale", "logit_bias")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str, info: dist.DistInfo) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("run.device", "cuda was asked for but no GPU is visible; use run.device=cpu.")
+        torch.cuda.set_device(info.local_rank)
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def autocast_context(precision: str, device: torch.device):
+    """Mixed precision: ``amp`` is fp16 autocast (with a GradScaler), ``amp_bf16`` bf16 autocast."""
+    if precision == "amp":
+        return torch.autocast(device.type, dtype=torch.float16)
+    if precision == "amp_bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def weights_dtype(precision: str) -> torch.dtype:
+    """``bf16`` / ``fp16`` cast the weights themselves; every other precision keeps fp32 weights."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def default_run_name(cfg: DictConfig) -> str:
+    """OpenCLIP's naming: date, model, lr, batch size, precision."""
+    stamp = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
+    return f"{stamp}-model_{cfg.model.name}-lr_{cfg.optim.lr}-b_{cfg.data.batch_size}-p_{cfg.run.precision}"
+
+
+class Trainer:
+    """Builds model, algorithms, data, optimizer, loss and callbacks from ``cfg``; ``fit()`` trains.
+
+    Args:
+        cfg: a validated config from ``load_config``.
+        callbacks: extra callback objects (tests and notebooks use this to observe a run).
+    """
+
+    def __init__(self, cfg: DictConfig, callbacks: list | None = None) -> None:
+        self.cfg = cfg
+        # Process and device first: everything after may allocate on the device.
+        info = dist.dist_info_from_env()
+        device = resolve_device(cfg.run.device, info)
+        dist.init_process_group(info, cfg.dist.backend, device)
+        self.run_name = cfg.run.name or default_run_name(cfg)
+        self.run_dir = Path(cfg.run.logs) / self.run_name
+        setup_logging(self.run_dir, info.rank)
+        self._write_config(info)
+
+        # The model, seeded identically on every rank, before anything that holds its parameters.
+        seed_everything(cfg.run.seed)
+        model = MODELS.build(cfg.model.name, {"pretrained": cfg.model.pretrained, "overrides": _plain(cfg.model.overrides)}, "model")
+        model = model.to(device=device, dtype=weights_dtype(cfg.run.precision))
+        seed_everything(cfg.run.seed + info.rank)
+
+        # Data: built from the model's input sizes. Durations follow from its length.
+        train_loader = self._build_loader(cfg.data.train, "data.train", model, info, train=True)
+        eval_loader = self._build_loader(cfg.data.val, "data.val", model, info, train=False)
+        state = State(model=model, config=cfg, device=device, precision=cfg.run.precision, dist=info)
+        state.train_loader, state.eval_loader = train_loader, eval_loader
+        state.accum_freq = cfg.optim.accum_freq
+        state.samples_per_batch = cfg.data.batch_size * cfg.optim.accum_freq * info.world_size
+        if train_loader is not None:
+            self._set_durations(state)
+
+        # Algorithms change the model (INIT) before the optimizer collects its trainable parameters.
+        state.algorithms = [ALGORITHMS.build(n, a, f"algorithms.{n}") for n, a in cfg.algorithms.items()]
+        check_algorithms(state.algorithms, state)
+        self.logger = Logger([], is_main=info.is_main)
+        self.engine = Engine(state, self.logger)
+        self.state = state
+        self.engine.run_event(Event.INIT)
+        state.wrapped_model = self._wrap_model(state.model, info, device)
+        if train_loader is not None:
+            state.optimizer = build_optimizer(cfg.optim, state.model)
+            state.scheduler = build_scheduler(cfg.optim, state.optimizer, self.warmup_batches, state.max_batches, self.cooldown_batches)
+            state.scaler = torch.amp.GradScaler(device.type) if cfg.run.precision == "amp" else None
+        state.loss_fn = self._build_loss(cfg.loss)
+
+        # Callbacks: metrics and checkpoints first (loggers see their output), loggers, then user callbacks.
+        destinations = [LOGGERS.build(n, a, f"loggers.{n}", run_dir=self.run_dir) for n, a in cfg.loggers.items()]
+        self.logger.destinations = destinations
+        state.callbacks = self._builtin_callbacks(state) + destinations
+        state.callbacks += [CALLBACKS.build(n, a, f"callbacks.{n}") for n, a in cfg.callbacks.items()]
+        state.callbacks += list(callbacks or [])
+        self._log_setup(state)
+        self._resume()
+
+    # -- building -----------------------------------------------------------------------------------
+    def _write_config(self, info: dist.DistInfo) -> None:
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+
+    def _build_loader(self, section: DictConfig | None, key: str, model: nn.Module, info: dist.DistInfo, train: bool):
+        if section is None:
+            return None
+        args = {k: v for k, v in _plain(section).items() if k != "type"}
+        runtime = {"image_size": model.image_size, "context_length": model.context_length, "vocab_size": model.vocab_size}
+        builder = DATASETS.get(section.type, f"{key}.type")
+        accepted = inspect.signature(builder).parameters
+        runtime = {k: v for k, v in runtime.items() if k in accepted}
+        if "seed" in accepted:
+            runtime["seed"] = self.cfg.run.seed
+        dataset = DATASETS.build(section.type, args, key, **runtime)
+        if hasattr(dataset, "state_dict") and hasattr(dataset, "batches_per_epoch"):
+            return dataset  # a format with its own resumable loader
+        data = self.cfg.data
+        try:
+            return ResumableLoader(
+                dataset,
+                batch_size=data.batch_size,
+                dist=info,
+                seed=self.cfg.run.seed,
+                shuffle=train,
+                drop_last=train,
+                workers=data.workers,
+                pin_memory=data.pin_memory and torch.cuda.is_available(),
+                persistent_workers=data.persistent_workers,
+                prefetch_factor=data.prefetch_factor,
+            )
+        except ValueError as error:
+            raise ConfigError("data.batch_size", str(error)) from error
+
+    def _set_durations(self, state: State) -> None:
+        cfg = self.cfg
+        state.batches_per_epoch = state.train_loader.batches_per_epoch // cfg.optim.accum_freq
+        if state.batches_per_epoch == 0:
+            raise ConfigError(
+                "optim.accum_freq",
+                f"one epoch has {state.train_loader.batches_per_epoch} micro-batches, fewer than accum_freq={cfg.optim.accum_freq}.",
+            )
+        convert = (state.batches_per_epoch, state.samples_per_batch)
+        state.max_batches = Time.parse(cfg.run.duration, "run.duration").to_batches(*convert)
+        self.warmup_batches = Time.parse(cfg.optim.warmup, "optim.warmup").to_batches(*convert, state.max_batches)
+        self.cooldown_batches = 0
+        if cfg.optim.cooldown is not None:
+            self.cooldown_batches = Time.parse(cfg.optim.cooldown, "optim.cooldown").to_batches(*convert, state.max_batches)
+            if self.cooldown_batches > state.max_batches - self.warmup_batches:
+                raise ConfigError(
+                    "optim.cooldown",
+                    f"{self.cooldown_batches} steps do not fit after {self.warmup_batches} warmup steps "
+                    f"in a run of {state.max_batches} steps.",
+                )
+        if self.warmup_batches >= state.max_batches:
+            log.warning(
+                "optim.warmup (%d steps) is not shorter than run.duration (%d steps): the learning rate never "
+                "reaches optim.lr. Set e.g. optim.warmup=0.1dur.",
+                self.warmup_batches,
+                state.max_batches,
+            )
+
+    def _wrap_model(self, model: nn.Module, info: dist.DistInfo, device: torch.device) -> nn.Module:
+        if info.world_size == 1:
+            return model
+        device_ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def _build_loss(self, cfg: DictConfig) -> nn.Module:
+        from cadenza.models.losses import LOSSES, build_loss
+
+        if cfg.name not in LOSSES:
+            raise ConfigError("loss.name", f"unknown loss '{cfg.name}'. Valid: {', '.join(LOSSES)}.")
+        accepted = inspect.signature(LOSSES[cfg.name]).parameters
+        args = {k: v for k, v in _plain(cfg).items() if k != "name"}
+        for key, value in args.items():
+            if key not in accepted and value:
+                raise ConfigError(f"loss.{key}", f"has no meaning for loss.name={cfg.name}; remove it.")
+        return build_loss(cfg.name, **{k: v for k, v in args.items() if k in accepted})
+
+    def _builtin_callbacks(self, state: State) -> list:
+        cfg = self.cfg
+        callbacks: list = []
+        if state.train_loader is not None:
+            interval = Time.parse(cfg.run.log_interval, "run.log_interval").to_batches(
+                state.batches_per_epoch, state.samples_per_batch, state.max_batches
+            )
+            folder = cfg.checkpoint.save_folder or str(self.run_dir / "checkpoints")
+            callbacks.append(TrainMetrics(interval))
+            callbacks.append(
+                CheckpointSaver(
+                    folder,
+                    cfg.checkpoint.save_interval,
+                    cfg.checkpoint.keep,
+                    cfg.checkpoint.save_latest,
+                    self.run_name,
+                    to_yaml(cfg),
+                )
+            )
+        if state.eval_loader is not None:
+            callbacks.append(RetrievalEvaluator())
+        return callbacks
+
+    def _log_setup(self, state: State) -> None:
+        params = sum(p.numel() for p in state.model.parameters())
+        trainable = sum(p.numel() for p in state.model.parameters() if p.requires_grad)
+        log.info("run folder: %s", self.run_dir)
+        log.info("model %s: %.2fM parameters (%.2fM trainable) on %s", self.cfg.model.name, params / 1e6, trainable / 1e6, state.device)
+        log.info("algorithms: %s", ", ".join(map(repr, state.algorithms)) or "none")
+        if state.train_loader is not None:
+            log.info(
+                "training %d steps (%d per epoch) of %d samples (%d processes x %d x accum %d); warmup %d steps",
+                state.max_batches,
+                state.batches_per_epoch,
+                state.samples_per_batch,
+                state.dist.world_size,
+                self.cfg.data.batch_size,
+                state.accum_freq,
+                self.warmup_batches,
+            )
+        self.logger.log_hyperparameters(OmegaConf.to_container(self.cfg))
+
+    def _resume(self) -> None:
+        resume = self.cfg.checkpoint.resume
+        if resume is None:
+            return
+        if resume == "latest":
+            folder = Path(self.cfg.checkpoint.save_folder or self.run_dir / "checkpoints")
+            path = find_latest(folder)
+            if path is None:
+                log.info("checkpoint.resume=latest: no checkpoint in %s, starting from scratch", folder)
+                return
+        else:
+            path = Path(resume)
+        self.load(path)
+
+    def load(self, path: str | Path) -> None:
+        """Restore every piece of training state from a checkpoint file."""
+        self.engine.run_event(Event.BEFORE_LOAD)
+        checkpoint = load_checkpoint(path)
+        self.state.load_state_dict(checkpoint)
+        self.engine.run_event(Event.AFTER_LOAD)
+        ts = self.state.timestamp
+        log.info("resumed from %s at epoch %d, step %d (%d samples)", path, ts.epoch, ts.batch, ts.sample)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def fit(self) -> State:
+        """Train until ``run.duration`` (or, with no training data, evaluate once)."""
+        state = self.state
+        try:
+            if state.train_loader is None:
+                self.evaluate()
+                return state
+            self.engine.run_event(Event.FIT_START)
+            while not state.is_done:
+                self._train_epoch()
+            if state.eval_loader is not None and not self._evaluated_at_last_step:
+                self.evaluate()
+            self.engine.run_event(Event.FIT_END)
+        finally:
+            self.engine.close()
+        return state
+
+    _evaluated_at_last_step = False
+
+    def _train_epoch(self) -> None:
+        state, ts = self.state, self.state.timestamp
+        self.engine.run_event(Event.EPOCH_START)
+        micro_batches = iter(state.train_loader)
+        while ts.batch_in_epoch < state.batches_per_epoch and not state.is_done:
+            self.engine.run_event(Event.BEFORE_DATALOADER)
+            state.batch = [self._to_device(next(micro_batches)) for _ in range(state.accum_freq)]
+            self.engine.run_event(Event.AFTER_DATALOADER)
+            self._train_batch()
+            self._evaluated_at_last_step = False
+            if self._eval_due():
+                self.evaluate()
+        if ts.batch_in_epoch == state.batches_per_epoch:
+            ts.after_epoch()
+            state.train_loader.set_epoch(ts.epoch)
+            self.engine.run_event(Event.EPOCH_END)
+            self.engine.run_event(Event.EPOCH_CHECKPOINT)
+
+    def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, tokens = batch
+        dtype = weights_dtype(self.state.precision)
+        return images.to(self.state.device, dtype=dtype, non_blocking=True), tokens.to(self.state.device, non_blocking=True)
+
+    def _train_batch(self) -> None:
+        state = self.state
+        state.wrapped_model.train()
+        self.engine.run_event(Event.BATCH_START)
+        cache = self._cache_features(state.batch) if state.accum_freq > 1 else None
+        for index, micro_batch in enumerate(state.batch):
+            self._forward_backward(micro_batch, cache, index)
+        self._optimizer_step()
+        state.timestamp.after_batch(state.samples_per_batch)
+        self.engine.run_event(Event.BATCH_END)
+        self.engine.run_event(Event.BATCH_CHECKPOINT)
+
+    def _forward(self, micro_batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        state = self.state
+        state.micro_batch = micro_batch
+        self.engine.run_event(Event.BEFORE_FORWARD)
+        with autocast_context(state.precision, state.device):
+            state.outputs = state.wrapped_model(*state.micro_batch)
+        self.engine.run_event(Event.AFTER_FORWARD)
+        return state.outputs
+
+    @torch.no_grad()
+    def _cache_features(self, batch: list) -> list[dict[str, torch.Tensor]]:
+        """OpenCLIP's accumulation: features of every micro-batch, without gradients."""
+        return [{k: v for k, v in self._forward(mb).items() if k not in SHARED_OUTPUTS} for mb in batch]
+
+    def _forward_backward(self, micro_batch, cache: list[dict[str, torch.Tensor]] | None, index: int) -> None:
+        state = self.state
+        outputs = self._forward(micro_batch)
+        if cache is not None:
+            # This micro-batch's fresh features (with gradients) among the others' cached ones:
+            # the loss sees the whole accumulated batch, the gradient flows through this part only.
+            outputs = dict(outputs)
+            for key in cache[0]:
+                outputs[key] = torch.cat([outputs[key] if i == index else c[key] for i, c in enumerate(cache)])
+            state.outputs = outputs
+        self.engine.run_event(Event.BEFORE_LOSS)
+        with autocast_context(state.precision, state.device):
+            state.loss_dict = state.loss_fn(**state.outputs)
+        state.loss = sum(state.loss_dict.values())
+        self.engine.run_event(Event.AFTER_LOSS)
+        self._check_finite(state.loss)
+        self.engine.run_event(Event.BEFORE_BACKWARD)
+        loss = state.scaler.scale(state.loss) if state.scaler is not None else state.loss
+        loss.backward()
+        self.engine.run_event(Event.AFTER_BACKWARD)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if torch.isfinite(loss).item():
+            return
+        ts = self.state.timestamp
+        folder = Path(self.cfg.checkpoint.save_folder or self.run_dir / "checkpoints")
+        latest = find_latest(folder)
+        where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
+        raise TrainingError(
+            f"the loss is {loss.item()} at step {ts.batch + 1} (epoch {ts.epoch}); training stopped before the "
+            f"optimizer step and {where}. Lower optim.lr, set optim.grad_clip_norm, or use run.precision=amp_bf16."
+        )
+
+    def _optimizer_step(self) -> None:
+        state = self.state
+        if state.scaler is not None:
+            state.scaler.unscale_(state.optimizer)  # algorithms see true gradients (clipping)
+        self.engine.run_event(Event.BEFORE_OPTIMIZER_STEP)
+        if state.scaler is not None:
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+        else:
+            state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scheduler.step()
+        state.model.clamp_logit_scale()
+        self.engine.run_event(Event.AFTER_OPTIMIZER_STEP)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def _eval_due(self) -> bool:
+        state = self.state
+        if state.eval_loader is None:
+            return False
+        every = Time.parse(self.cfg.eval.interval, "eval.interval").to_batches(
+            state.batches_per_epoch, state.samples_per_batch, state.max_batches
+        )
+        return every > 0 and state.timestamp.batch % every == 0
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Run the model over ``data.val`` once, firing the eval events; evaluators compute metrics."""
+        state = self.state
+        state.wrapped_model.eval()
+        state.eval_metrics = {}
+        self.engine.run_event(Event.EVAL_START)
+        state.eval_loader.set_epoch(0)
+        for batch in state.eval_loader:
+            state.micro_batch = self._to_device(batch)
+            self.engine.run_event(Event.EVAL_BATCH_START)
+            with autocast_context(state.precision, state.device):
+                state.outputs = state.model(*state.micro_batch)
+            self.engine.run_event(Event.EVAL_BATCH_END)
+        self.engine.run_event(Event.EVAL_END)
+        state.wrapped_model.train()
+        self._evaluated_at_last_step = True
+        return dict(state.eval_metrics)
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def train(cfg: DictConfig) -> State:
+    """Build a trainer from ``cfg`` and fit it."""
+    started = time.perf_counter()
+    state = Trainer(cfg).fit()
+    log.info("done in %.1fs", time.perf_counter() - started)
+    return state
+
+
+__all__ = ["Trainer", "train"]

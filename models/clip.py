@@ -1,0 +1,85 @@
+"""CLIP: an image tower and a text tower trained to agree in one embedding space."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cadenza.models.text import TextTransformer
+from cadenza.models.vision import TimmImageTower
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = math.log(100)
+
+
+class CLIP(nn.Module):
+    """Image and text encoders with a learnable temperature (and a bias, for SigLIP).
+
+    Args:
+        visual: the image tower (``images -> (B, E)``).
+        text: the text tower (``tokens -> (B, E)``).
+        init_logit_scale: initial log temperature (OpenCLIP: ln(1/0.07)).
+        init_logit_bias: initial logit bias; ``None`` means the model has none (CLIP), SigLIP uses -10.
+    """
+
+    def __init__(
+        self,
+        visual: TimmImageTower,
+        text: TextTransformer,
+        init_logit_scale: float = LOGIT_SCALE_INIT,
+        init_logit_bias: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.visual = visual
+        self.text = text
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+
+    @property
+    def image_size(self) -> int:
+        return self.visual.image_size
+
+    @property
+    def context_length(self) -> int:
+        return self.text.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.text(tokens)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Normalized features and the exponentiated logit scale, keyed as OpenCLIP's ``output_dict``."""
+        out: dict[str, torch.Tensor] = {"logit_scale": self.logit_scale.exp()}
+        if images is not None:
+            out["image_features"] = self.encode_image(images, normalize=True)
+        if tokens is not None:
+            out["text_features"] = self.encode_text(tokens, normalize=True)
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Keep the temperature at most 100, as OpenCLIP does after every step."""
+        self.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names timm and the text tower exempt from weight decay (informational: the optimizer uses OpenCLIP's rule)."""
+        names = {"logit_scale"} | ({"logit_bias"} if self.logit_bias is not None else set())
+        names |= {f"visual.{n}" for n in self.visual.no_weight_decay()}
+        return names | {f"text.{n}" for n in self.text.no_weight_decay()}

@@ -1,0 +1,134 @@
+"""The CLIP text tower: a causal transformer over BPE tokens, pooled at the EOT token, then projected.
+
+Parameter names follow OpenCLIP's (``token_embedding``, ``transformer.resblocks.N.attn.in_proj_weight``,
+``ln_final``, ``text_projection``) so that weights move between the two by renaming a prefix only.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's sigmoid GELU approximation, used by its original checkpoints."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter names, run by fused SDPA."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"text width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        batch, length, width = x.shape  # (B, L, D)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3D)
+        q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, d)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, d)
+        return self.out_proj(x.transpose(1, 2).reshape(batch, length, width))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act_layer: type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", act_layer()), ("c_proj", nn.Linear(hidden, width))])
+        )
+
+    def forward(self, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, act_layer=nn.GELU) -> None:
+        super().__init__()
+        self.width = width
+        self.grad_checkpointing = False
+        self.resblocks = nn.ModuleList(
+            [ResidualAttentionBlock(width, heads, mlp_ratio, act_layer) for _ in range(layers)]
+        )
+
+    def forward(self, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        for block in self.resblocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal)
+        return x
+
+
+class TextTransformer(nn.Module):
+    """Token ids ``(B, L)`` → text embeddings ``(B, embed_dim)``.
+
+    Args:
+        context_length: tokens per caption (77 for OpenCLIP's models).
+        vocab_size: BPE vocabulary size (49,408).
+        width, heads, layers: transformer size.
+        embed_dim: size of the joint image–text space.
+        quick_gelu: OpenAI's activation (for OpenAI-trained checkpoints).
+    """
+
+    def __init__(
+        self,
+        context_length: int = 77,
+        vocab_size: int = 49408,
+        width: int = 512,
+        heads: int = 8,
+        layers: int = 12,
+        embed_dim: int = 512,
+        mlp_ratio: float = 4.0,
+        quick_gelu: bool = False,
+    ) -> None:
+        super().__init__()
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, QuickGELU if quick_gelu else nn.GELU)
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
+        self.init_parameters()
+
+    def init_parameters(self) -> None:
+        """OpenCLIP's initialisation (scaled by depth for the residual projections)."""
+        width, layers = self.transformer.width, len(self.transformer.resblocks)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        proj_std = (width**-0.5) * ((2 * layers) ** -0.5)
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=width**-0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        length = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:length]  # (B, L, D)
+        x = self.ln_final(self.transformer(x, causal=True))
+        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # EOT has the largest id: (B, D)
+        return pooled @ self.text_projection  # (B, E)
