@@ -18,7 +18,9 @@ from cadenza.engine.registry import ALGORITHMS
 from cadenza.engine.state import State
 
 
-def clip_gradients(parameters: Iterable[torch.nn.Parameter], norm: float | None = None, value: float | None = None) -> torch.Tensor | None:
+def clip_gradients(
+    parameters: Iterable[torch.nn.Parameter], norm: float | None = None, value: float | None = None
+) -> torch.Tensor | None:
     """Clip in place; returns the total norm before clipping when clipping by norm."""
     parameters = [p for p in parameters if p.grad is not None]
     if norm is not None:

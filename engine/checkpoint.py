@@ -53,7 +53,9 @@ def save_atomic(obj: Any, path: Path) -> None:
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(error, OSError):
-            raise CheckpointError(f"could not write checkpoint {path}: {error}; the previous checkpoint is kept") from error
+            raise CheckpointError(
+                f"could not write checkpoint {path}: {error}; the previous checkpoint is kept"
+            ) from error
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -106,7 +108,9 @@ class CheckpointSaver(Callback):
         config_yaml: the resolved config, stored as ``config``.
     """
 
-    def __init__(self, folder: str | Path, save_interval: str, keep: int, save_latest: bool, run_name: str, config_yaml: str):
+    def __init__(
+        self, folder: str | Path, save_interval: str, keep: int, save_latest: bool, run_name: str, config_yaml: str
+    ):
         self.folder = Path(folder)
         self.interval = Time.parse(save_interval, "checkpoint.save_interval", allow_wall_clock=True)
         self.keep = keep
@@ -120,7 +124,9 @@ class CheckpointSaver(Callback):
     def fit_start(self, state: State, logger: Logger) -> None:
         self._last_save_time = time.monotonic()
         if self.interval.unit in (TimeUnit.BATCH, TimeUnit.SAMPLE, TimeUnit.DURATION):
-            self._every_batches = max(self.interval.to_batches(state.batches_per_epoch, state.samples_per_batch, state.max_batches), 1)
+            self._every_batches = max(
+                self.interval.to_batches(state.batches_per_epoch, state.samples_per_batch, state.max_batches), 1
+            )
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         if self._every_batches and state.timestamp.batch % self._every_batches == 0:

@@ -1,6 +1,6 @@
 """The ``composer`` (alias ``cadenza``) command.
 
-    composer CONFIG.yaml [key=value ...]     train (one process; see README for launchers)
+composer CONFIG.yaml [key=value ...]     train (one process; see README for launchers)
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cadenza.engine.errors import ConfigError, suggest
@@ -124,8 +124,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "command-line overrides are written key=value, e.g. optim.lr=1e-4.")
+    overrides = [item.removeprefix("+") for item in overrides]  # Hydra's "+key=value" means the same here
     try:
-        user = OmegaConf.merge(user, OmegaConf.from_dotlist(list(overrides)))
+        user = OmegaConf.merge(user, OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as error:
         raise ConfigError("overrides", str(error)) from error
     return build_config(user)
@@ -164,6 +165,7 @@ def _apply_shorthands(user: DictConfig) -> None:
             "set either optim.grad_clip_norm or algorithms.gradient_clipping, not both.",
         )
     OmegaConf.update(user, "algorithms.gradient_clipping", {"norm": norm}, force_add=True)
+    OmegaConf.update(user, "optim.grad_clip_norm", None)  # one place holds the setting in the resolved config
 
 
 def _check_keys(node: Any, schema: type, prefix: str) -> None:
@@ -232,7 +234,9 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError("optim.cooldown", "optim.scheduler=const-cooldown needs a cooldown length, e.g. '1ep'.")
         Time.parse(cfg.optim.cooldown, "optim.cooldown")
     elif cfg.optim.cooldown is not None:
-        raise ConfigError("optim.cooldown", f"only used by optim.scheduler=const-cooldown (got '{cfg.optim.scheduler}').")
+        raise ConfigError(
+            "optim.cooldown", f"only used by optim.scheduler=const-cooldown (got '{cfg.optim.scheduler}')."
+        )
     if cfg.optim.lr < 0:
         raise ConfigError("optim.lr", "must not be negative.")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
@@ -266,6 +270,8 @@ def _check_values(cfg: DictConfig) -> None:
     ):
         for name, args in cfg[section].items():
             registry.check_args(name, OmegaConf.to_container(args), f"{section}.{name}", runtime=runtime)
+    for name, args in cfg.algorithms.items():
+        ALGORITHMS.build(name, OmegaConf.to_container(args), f"algorithms.{name}")  # __init__ only checks its arguments
 
 
 #: arguments a dataset builder gets from the trainer, never from YAML

@@ -35,7 +35,9 @@ class ConsoleLogger(LoggerDestination):
         if self.progress_bar and state.dist.is_main:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=state.max_batches, initial=state.timestamp.batch, unit="ba", dynamic_ncols=True, disable=None)
+            self._bar = tqdm(
+                total=state.max_batches, initial=state.timestamp.batch, unit="ba", dynamic_ncols=True, disable=None
+            )
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if self._bar is not None:
@@ -45,7 +47,11 @@ class ConsoleLogger(LoggerDestination):
         state = self._state
         if state is None or not any(k.startswith("train/") for k in metrics):
             if any(k.startswith("val/") for k in metrics):
-                log.info("Eval at step %d: %s", step, "\t".join(f"{k.removeprefix('val/')}: {v:.4f}" for k, v in metrics.items()))
+                log.info(
+                    "Eval at step %d: %s",
+                    step,
+                    "\t".join(f"{k.removeprefix('val/')}: {v:.4f}" for k, v in metrics.items()),
+                )
             return
         done = step / max(state.max_batches, 1)
         losses = "  ".join(

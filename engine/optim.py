@@ -53,13 +53,13 @@ def lr_factor(
         if step < warmup:
             return (step + 1) / warmup
         if scheduler == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
         if scheduler == "const":
             return 1.0
         start = total - cooldown
         if step < start:
             return 1.0
-        decay = max(1 - (step - start) / cooldown, 0.0) ** cooldown_power
+        decay = max(1 - (step - start) / max(cooldown, 1), 0.0) ** cooldown_power
         return decay * (1 - end_factor) + end_factor
 
     return factor

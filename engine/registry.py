@@ -66,7 +66,9 @@ class Registry(Generic[T]):
         takes_any = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
         for arg in args:
             if arg in runtime or (arg not in params and not takes_any):
-                raise ConfigError(f"{key}.{arg}", f"{self.kind} '{name}' has no argument '{arg}'.{suggest(arg, params)}")
+                raise ConfigError(
+                    f"{key}.{arg}", f"{self.kind} '{name}' has no argument '{arg}'.{suggest(arg, params)}"
+                )
         for param_name, param in params.items():
             if param.default is param.empty and param_name not in args and param_name not in runtime:
                 raise ConfigError(f"{key}.{param_name}", f"{self.kind} '{name}' needs '{param_name}'.")

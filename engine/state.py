@@ -120,7 +120,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((state["python"]["version"], tuple(state["python"]["state"]), state["python"]["gauss"]))
     np_state = state["numpy"]
     np.random.set_state(
-        (np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"], np_state["gauss"])
+        (
+            np_state["name"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["gauss"],
+        )
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():

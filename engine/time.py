@@ -44,6 +44,8 @@ class Time:
         """Parse ``"32ep"`` and friends; ``key`` names the config key in errors."""
         if isinstance(text, int) and not isinstance(text, bool):
             raise ConfigError(key, f"{text!r} has no unit. Write e.g. '{text}ba' (batches) or '{text}ep' (epochs).")
+        if re.fullmatch(r"\s*[\d.e+-]+\s*", str(text)):
+            raise ConfigError(key, f"{text!r} has no unit. Write e.g. '{text}ba' (batches) or '{text}ep' (epochs).")
         match = _PATTERN.match(str(text))
         if match is None:
             units = "ep, ba, sp, dur" + (", s, m, h" if allow_wall_clock else "")

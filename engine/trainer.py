@@ -95,7 +95,9 @@ class Trainer:
 
         # The model, seeded identically on every rank, before anything that holds its parameters.
         seed_everything(cfg.run.seed)
-        model = MODELS.build(cfg.model.name, {"pretrained": cfg.model.pretrained, "overrides": _plain(cfg.model.overrides)}, "model")
+        model = MODELS.build(
+            cfg.model.name, {"pretrained": cfg.model.pretrained, "overrides": _plain(cfg.model.overrides)}, "model"
+        )
         model = model.to(device=device, dtype=weights_dtype(cfg.run.precision))
         seed_everything(cfg.run.seed + info.rank)
 
@@ -109,26 +111,29 @@ class Trainer:
         if train_loader is not None:
             self._set_durations(state)
 
-        # Algorithms change the model (INIT) before the optimizer collects its trainable parameters.
+        # Algorithms are built and checked against each other before anything runs.
         state.algorithms = [ALGORITHMS.build(n, a, f"algorithms.{n}") for n, a in cfg.algorithms.items()]
         check_algorithms(state.algorithms, state)
-        self.logger = Logger([], is_main=info.is_main)
-        self.engine = Engine(state, self.logger)
-        self.state = state
-        self.engine.run_event(Event.INIT)
-        state.wrapped_model = self._wrap_model(state.model, info, device)
-        if train_loader is not None:
-            state.optimizer = build_optimizer(cfg.optim, state.model)
-            state.scheduler = build_scheduler(cfg.optim, state.optimizer, self.warmup_batches, state.max_batches, self.cooldown_batches)
-            state.scaler = torch.amp.GradScaler(device.type) if cfg.run.precision == "amp" else None
         state.loss_fn = self._build_loss(cfg.loss)
 
         # Callbacks: metrics and checkpoints first (loggers see their output), loggers, then user callbacks.
         destinations = [LOGGERS.build(n, a, f"loggers.{n}", run_dir=self.run_dir) for n, a in cfg.loggers.items()]
-        self.logger.destinations = destinations
+        self.logger = Logger(destinations, is_main=info.is_main)
         state.callbacks = self._builtin_callbacks(state) + destinations
         state.callbacks += [CALLBACKS.build(n, a, f"callbacks.{n}") for n, a in cfg.callbacks.items()]
         state.callbacks += list(callbacks or [])
+        self.engine = Engine(state, self.logger)
+        self.state = state
+
+        # INIT: algorithms change the model; then wrap it and let the optimizer collect what is trainable.
+        self.engine.run_event(Event.INIT)
+        state.wrapped_model = self._wrap_model(state.model, info, device)
+        if train_loader is not None:
+            state.optimizer = build_optimizer(cfg.optim, state.model)
+            state.scheduler = build_scheduler(
+                cfg.optim, state.optimizer, self.warmup_batches, state.max_batches, self.cooldown_batches
+            )
+            state.scaler = torch.amp.GradScaler(device.type) if cfg.run.precision == "amp" else None
         self._log_setup(state)
         self._resume()
 
@@ -142,7 +147,11 @@ class Trainer:
         if section is None:
             return None
         args = {k: v for k, v in _plain(section).items() if k != "type"}
-        runtime = {"image_size": model.image_size, "context_length": model.context_length, "vocab_size": model.vocab_size}
+        runtime = {
+            "image_size": model.image_size,
+            "context_length": model.context_length,
+            "vocab_size": model.vocab_size,
+        }
         builder = DATASETS.get(section.type, f"{key}.type")
         accepted = inspect.signature(builder).parameters
         runtime = {k: v for k, v in runtime.items() if k in accepted}
@@ -181,7 +190,9 @@ class Trainer:
         self.warmup_batches = Time.parse(cfg.optim.warmup, "optim.warmup").to_batches(*convert, state.max_batches)
         self.cooldown_batches = 0
         if cfg.optim.cooldown is not None:
-            self.cooldown_batches = Time.parse(cfg.optim.cooldown, "optim.cooldown").to_batches(*convert, state.max_batches)
+            self.cooldown_batches = Time.parse(cfg.optim.cooldown, "optim.cooldown").to_batches(
+                *convert, state.max_batches
+            )
             if self.cooldown_batches > state.max_batches - self.warmup_batches:
                 raise ConfigError(
                     "optim.cooldown",
@@ -241,7 +252,13 @@ class Trainer:
         params = sum(p.numel() for p in state.model.parameters())
         trainable = sum(p.numel() for p in state.model.parameters() if p.requires_grad)
         log.info("run folder: %s", self.run_dir)
-        log.info("model %s: %.2fM parameters (%.2fM trainable) on %s", self.cfg.model.name, params / 1e6, trainable / 1e6, state.device)
+        log.info(
+            "model %s: %.2fM parameters (%.2fM trainable) on %s",
+            self.cfg.model.name,
+            params / 1e6,
+            trainable / 1e6,
+            state.device,
+        )
         log.info("algorithms: %s", ", ".join(map(repr, state.algorithms)) or "none")
         if state.train_loader is not None:
             log.info(
@@ -320,7 +337,9 @@ class Trainer:
     def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         images, tokens = batch
         dtype = weights_dtype(self.state.precision)
-        return images.to(self.state.device, dtype=dtype, non_blocking=True), tokens.to(self.state.device, non_blocking=True)
+        return images.to(self.state.device, dtype=dtype, non_blocking=True), tokens.to(
+            self.state.device, non_blocking=True
+        )
 
     def _train_batch(self) -> None:
         state = self.state
@@ -357,6 +376,10 @@ class Trainer:
             outputs = dict(outputs)
             for key in cache[0]:
                 outputs[key] = torch.cat([outputs[key] if i == index else c[key] for i, c in enumerate(cache)])
+            if index < len(cache) - 1:
+                # Shared scalars get the full batch's gradient from every micro-batch's loss; count it once
+                # (OpenCLIP counts it accum_freq times, which scales the temperature's gradient).
+                outputs.update({k: outputs[k].detach() for k in SHARED_OUTPUTS if k in outputs})
             state.outputs = outputs
         self.engine.run_event(Event.BEFORE_LOSS)
         with autocast_context(state.precision, state.device):

@@ -2,5 +2,6 @@
 
 from cadenza.models.clip import CLIP
 from cadenza.models.factory import create_model, get_model_config, list_models, load_weights
+from cadenza.models.tokenizer import ClipTokenizer, get_tokenizer
 
-__all__ = ["CLIP", "create_model", "get_model_config", "list_models", "load_weights"]
+__all__ = ["CLIP", "ClipTokenizer", "create_model", "get_model_config", "get_tokenizer", "list_models", "load_weights"]

@@ -58,7 +58,9 @@ class CLIP(nn.Module):
         features = self.text(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Normalized features and the exponentiated logit scale, keyed as OpenCLIP's ``output_dict``."""
         out: dict[str, torch.Tensor] = {"logit_scale": self.logit_scale.exp()}
         if images is not None:

@@ -85,4 +85,6 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
 
 
 for _name in list_models():
-    MODELS.register(_name)(lambda pretrained=None, overrides=None, _n=_name: create_model(_n, pretrained, **(overrides or {})))
+    MODELS.register(_name)(
+        lambda pretrained=None, overrides=None, _n=_name: create_model(_n, pretrained, **(overrides or {}))
+    )

@@ -112,7 +112,9 @@ class ClipLoss(nn.Module):
         local_loss: Compute only this rank's ``B`` rows of the logits (against all ``N`` columns) instead of the full
             ``N x N`` matrix on every rank. Cheaper; combine with ``gather_with_grad`` for exact gradients.
         gather_with_grad: Gather features with an autograd-aware all-gather so gradients flow to the rank that owns
-            each feature. Without it, other ranks' features are constants.
+            each feature. Without it, other ranks' features are constants, and each rank's features get only the
+            gradient of its own copy of the loss, so that DDP's gradient averaging trains on ``1 / world_size`` of the
+            one-process gradient (as OpenCLIP does).
         cache_labels: Keep the target indices between steps instead of rebuilding them.
     """
 
@@ -561,7 +563,7 @@ class _NeighbourExchangeBidir(torch.autograd.Function):
     def backward(ctx: Any, grad_from_right: Tensor, grad_from_left: Tensor) -> tuple[None, None, Tensor, Tensor]:
         # Mirror image of the forward: what came from the right goes back to the right, and vice versa. The result is
         # (gradient of to_left, gradient of to_right).
-        grad_to_right, grad_to_left = _NeighbourExchangeBidir.apply(
+        grad_to_left, grad_to_right = _NeighbourExchangeBidir.apply(
             ctx.right_rank, ctx.left_rank, grad_from_right, grad_from_left
         )
         return None, None, grad_to_left, grad_to_right

@@ -49,7 +49,9 @@ class ResidualAttentionBlock(nn.Module):
         self.attn = SelfAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(
-            OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", act_layer()), ("c_proj", nn.Linear(hidden, width))])
+            OrderedDict(
+                [("c_fc", nn.Linear(width, hidden)), ("gelu", act_layer()), ("c_proj", nn.Linear(hidden, width))]
+            )
         )
 
     def forward(self, x: torch.Tensor, causal: bool = True) -> torch.Tensor:

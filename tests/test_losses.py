@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
+import importlib.util
 import math
 import os
 import socket
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import open_clip.loss as oc
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import Tensor
+
 from cadenza.models.losses import (
     CLIP_LOGIT_SCALE_INIT,
     LOSSES,
@@ -27,7 +32,25 @@ from cadenza.models.losses import (
     build_loss,
     siglip_init,
 )
-from torch import Tensor
+
+
+def _import_open_clip_loss() -> ModuleType:
+    """Imports ``open_clip/loss.py`` alone (it needs only torch).
+
+    ``import open_clip.loss`` runs the package's ``__init__``, which imports transformers and every model (about 4 s),
+    and every spawned worker would pay that again.
+    """
+    assert importlib.metadata.version("open_clip_torch") == "3.3.0"
+    spec = importlib.util.find_spec("open_clip")  # finds the package without importing it
+    assert spec is not None and spec.origin is not None
+    loss_spec = importlib.util.spec_from_file_location("open_clip_loss", Path(spec.origin).parent / "loss.py")
+    assert loss_spec is not None and loss_spec.loader is not None
+    module = importlib.util.module_from_spec(loss_spec)
+    loss_spec.loader.exec_module(module)
+    return module
+
+
+oc = _import_open_clip_loss()
 
 B, D = 8, 16  # per-rank batch, feature width
 REL_TOL = 1e-6  # against OpenCLIP on identical inputs
@@ -261,6 +284,8 @@ DIST_CASES: dict[str, tuple[str, dict[str, Any], bool | None]] = {
     **{f"siglip_{impl}": ("siglip", {"dist_impl": impl}, True) for impl in SIGLIP_IMPLS},
 }
 OPEN_CLIP_LOSSES = {"clip": oc.ClipLoss, "siglip": oc.SigLipLoss}
+# 2 ranks as required; 3 because SigLIP's default "bidir" exchange only sends both ways round the ring from 3 ranks up.
+WORLD_SIZES = (2, 3)
 
 
 def _global_inputs(loss_name: str, world_size: int) -> dict[str, Tensor]:
@@ -271,23 +296,33 @@ def _shard(inputs: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
     return {k: v[rank * B : (rank + 1) * B] if v.dim() else v for k, v in inputs.items()}
 
 
-def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _dist_worker(rank: int, ports: dict[int, int], out_dir: str) -> None:
+    """Runs every case at each world size of ``ports`` that includes ``rank``, saving the results per world size.
+
+    One set of processes serves every world size (a process group per size, one after the other), because starting a
+    process costs seconds of imports.
+    """
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    results = {}
-    try:
-        for case, (loss_name, kwargs, _) in DIST_CASES.items():
-            inputs = _shard(_global_inputs(loss_name, world_size), rank)
-            ours = _run(build_loss(loss_name, **kwargs), inputs)
-            theirs_loss = OPEN_CLIP_LOSSES[loss_name](**kwargs, rank=rank, world_size=world_size)
-            theirs = _run(lambda loss=theirs_loss, **kw: {"contrastive_loss": loss(**kw)}, inputs)
-            results[case] = {"ours": ours, "open_clip": theirs}
-        results["exchange"] = _exchange(rank, world_size)
-    finally:
-        dist.destroy_process_group()
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    # OpenCLIP calls torch.distributed.nn's collectives, deprecated since torch 2.10, on every step.
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional", category=FutureWarning)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    for world_size, port in ports.items():
+        if rank >= world_size:
+            continue
+        os.environ["MASTER_PORT"] = str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+        results = {}
+        try:
+            for case, (loss_name, kwargs, _) in DIST_CASES.items():
+                inputs = _shard(_global_inputs(loss_name, world_size), rank)
+                ours = _run(build_loss(loss_name, **kwargs), inputs)
+                theirs_loss = OPEN_CLIP_LOSSES[loss_name](**kwargs, rank=rank, world_size=world_size)
+                theirs = _run(lambda loss=theirs_loss, **kw: {"contrastive_loss": loss(**kw)}, inputs)
+                results[case] = {"ours": ours, "open_clip": theirs}
+            results["exchange"] = _exchange(rank, world_size)
+        finally:
+            dist.destroy_process_group()
+        torch.save(results, Path(out_dir) / f"world{world_size}_rank{rank}.pt")
 
 
 def _exchange(rank: int, world_size: int) -> dict[str, Tensor]:
@@ -324,22 +359,31 @@ def test_ring_exchanges(dist_results: tuple[int, list[dict]]) -> None:
             assert got["bidir_grad"].tolist() == [3.0 * (left + 1) + 2 * 5.0 * (right + 1)] * 2
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Ports the OS says are free on 127.0.0.1 (distinct: the sockets are all open when asked)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
-def dist_results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, list[dict]]:
-    """Runs every case of DIST_CASES in ``world_size`` spawned processes; returns each rank's results.
+@pytest.fixture(scope="module")
+def dist_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict]]:
+    """Runs ``_dist_worker`` in ``max(WORLD_SIZES)`` spawned processes; returns each world size's per-rank results."""
+    out_dir = tmp_path_factory.mktemp("dist")
+    ports = dict(zip(WORLD_SIZES, _free_ports(len(WORLD_SIZES)), strict=True))
+    mp.spawn(_dist_worker, args=(ports, str(out_dir)), nprocs=max(WORLD_SIZES), join=True)
+    return {w: [torch.load(out_dir / f"world{w}_rank{r}.pt") for r in range(w)] for w in WORLD_SIZES}
 
-    World size 3 is there for SigLIP's "bidir" exchange, which only sends both ways round the ring from 3 ranks up.
-    """
-    world_size = request.param
-    out_dir = tmp_path_factory.mktemp(f"dist{world_size}")
-    mp.spawn(_dist_worker, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size, join=True)
-    return world_size, [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
+
+@pytest.fixture(params=WORLD_SIZES, ids=lambda w: f"world{w}")
+def dist_results(request: pytest.FixtureRequest, dist_runs: dict[int, list[dict]]) -> tuple[int, list[dict]]:
+    """``(world_size, per-rank results)`` for one world size."""
+    return request.param, dist_runs[request.param]
 
 
 @pytest.mark.parametrize("case", list(DIST_CASES))
@@ -361,9 +405,8 @@ def test_distributed_loss_matches_one_process(dist_results: tuple[int, list[dict
     full = full_grads["contrastive_loss"]
 
     losses = torch.stack([per_rank[r][case]["ours"][0]["contrastive_loss"] for r in range(world_size)])
-    assert (
-        _rel(losses.mean(), full_terms["contrastive_loss"]) <= DIST_TOL
-    )  # the global loss is the mean of the ranks' losses
+    # The global loss is the mean of the ranks' losses.
+    assert _rel(losses.mean(), full_terms["contrastive_loss"]) <= DIST_TOL
     grads = [per_rank[r][case]["ours"][1]["contrastive_loss"] for r in range(world_size)]
 
     # Replicated scalars: the DDP average of the ranks' gradients is the one-process gradient, in every setting.

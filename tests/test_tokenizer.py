@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from cadenza.models import tokenizer as tokenizer_module
 from cadenza.models.tokenizer import VOCAB_FILENAME, ClipTokenizer, get_tokenizer
 

@@ -1,0 +1,95 @@
+"""Atomic checkpoint writes, retention, and finding the newest readable checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cadenza.engine import checkpoint as ckpt
+from cadenza.engine.errors import CheckpointError
+from cadenza.engine.trainer import Trainer
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "ep0-ba1.pt"
+    ckpt.save_atomic({"x": torch.ones(3)}, path)
+
+    def crash(obj, handle, *args, **kwargs):
+        handle.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(CheckpointError, match="No space left.*previous checkpoint is kept"):
+        ckpt.save_atomic({"x": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(ckpt.load_checkpoint(path)["x"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["ep0-ba1.pt"]  # no temporary file left behind
+
+
+def test_find_latest_skips_unreadable_files(tmp_path):
+    ckpt.save_atomic({"step": 2}, tmp_path / "ep0-ba2.pt")
+    ckpt.save_atomic({"step": 10}, tmp_path / "ep0-ba10.pt")
+    (tmp_path / "ep1-ba12.pt").write_bytes(b"truncated")
+    assert ckpt.find_latest(tmp_path) == tmp_path / "ep0-ba10.pt"  # numeric order, not text order
+    assert ckpt.find_latest(tmp_path / "missing") is None
+    with pytest.raises(CheckpointError, match="corrupt or incomplete"):
+        ckpt.load_checkpoint(tmp_path / "ep1-ba12.pt")
+
+
+def test_load_refuses_arbitrary_pickles(tmp_path):
+    import argparse
+
+    torch.save({"obj": argparse.Namespace(cmd="rm -rf /")}, tmp_path / "evil.pt")  # any non-tensor class
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        ckpt.load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_keep_and_latest(tiny):
+    trainer = Trainer(tiny("data.val=null", "checkpoint.save_interval=2ba", "checkpoint.keep=2", "run.duration=8ba"))
+    trainer.fit()
+    folder = trainer.run_dir / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["ep0-ba6.pt", "ep0-ba8.pt", "epoch_latest.pt"]
+    latest = ckpt.load_checkpoint(folder / "epoch_latest.pt")
+    assert latest["timestamp"]["batch"] == 8
+
+
+def test_epoch_interval_and_resume_latest_without_checkpoints(tiny):
+    trainer = Trainer(
+        tiny(
+            "data.val=null",
+            "checkpoint.save_interval=1ep",
+            "run.duration=2ep",
+            "data.train.num_samples=64",
+            "checkpoint.resume=latest",
+        )
+    )
+    assert trainer.state.timestamp.batch == 0  # nothing to resume: a fresh start
+    trainer.fit()
+    names = sorted(p.name for p in (trainer.run_dir / "checkpoints").glob("ep*-ba*.pt"))
+    assert names == ["ep1-ba4.pt", "ep2-ba8.pt"]
+    assert ckpt.load_checkpoint(trainer.run_dir / "checkpoints" / "ep1-ba4.pt")["dataloader"] == {
+        "epoch": 1,
+        "sample_in_epoch": 0,
+    }
+
+
+def test_wall_clock_interval(tiny, monkeypatch):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(ckpt.time, "monotonic", lambda: clock["now"])
+
+    class Tick:
+        def run_event(self, event, state, logger):
+            if event.value == "batch_end":
+                clock["now"] += 25.0  # each step "takes" 25 s
+
+        def close(self, state, logger):
+            pass
+
+        def state_dict(self):
+            return {}
+
+    trainer = Trainer(tiny("data.val=null", "checkpoint.save_interval=1m", "run.duration=6ba"), callbacks=[])
+    trainer.state.callbacks.insert(0, Tick())
+    trainer.fit()
+    names = sorted(p.name for p in (trainer.run_dir / "checkpoints").glob("ep*-ba*.pt"))
+    assert names == ["ep0-ba3.pt", "ep0-ba6.pt"]  # 75 s > 60 s after step 3; step 6 is the final save
