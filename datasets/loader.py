@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cadenza.datasets.context import LoaderContext
 from cadenza.engine.dist import DistInfo
 
 
@@ -63,45 +64,34 @@ class ResumableSampler(Sampler[int]):
 class ResumableLoader:
     """Batches of ``(images, tokens)`` from a map-style dataset, with ``state_dict`` for exact resume.
 
+    Training (``context.train``) shuffles with a per-epoch seed and drops the last partial global
+    batch; evaluation visits every sample once, in order.
+
     Args:
         dataset: returns ``(image tensor, token ids)`` for an index.
-        batch_size: per process.
-        dist: this process's rank and the world size.
-        seed: seeds the per-epoch order.
-        shuffle / drop_last: True for training; False (every sample once) for evaluation.
-        workers, pin_memory, persistent_workers, prefetch_factor: ``torch.utils.data.DataLoader``'s.
+        context: batch size, rank/world size, seed and ``DataLoader`` settings.
     """
 
-    def __init__(
-        self,
-        dataset: Dataset,
-        batch_size: int,
-        dist: DistInfo,
-        seed: int,
-        shuffle: bool = True,
-        drop_last: bool = True,
-        workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        prefetch_factor: int = 2,
-    ) -> None:
+    def __init__(self, dataset: Dataset, context: LoaderContext) -> None:
         self.dataset = dataset
-        self.batch_size = batch_size
-        self.sampler = ResumableSampler(len(dataset), batch_size, dist, seed, shuffle, drop_last)
+        self.batch_size = context.batch_size
+        self.sampler = ResumableSampler(
+            len(dataset), context.batch_size, context.dist, context.seed, shuffle=context.train, drop_last=context.train
+        )
         if self.sampler.batches_per_epoch() == 0:
             raise ValueError(
                 f"the dataset has {len(dataset)} samples, fewer than one global batch "
-                f"({batch_size} x {dist.world_size} processes); lower data.batch_size or add data"
+                f"({context.batch_size} x {context.dist.world_size} processes); lower data.batch_size or add data"
             )
         worker_args: dict[str, Any] = {}
-        if workers > 0:
-            worker_args = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor}
+        if context.workers > 0:
+            worker_args = {"persistent_workers": context.persistent_workers, "prefetch_factor": context.prefetch_factor}
         self.loader = DataLoader(
             dataset,
-            batch_size=batch_size,
+            batch_size=context.batch_size,
             sampler=self.sampler,
-            num_workers=workers,
-            pin_memory=pin_memory,
+            num_workers=context.workers,
+            pin_memory=context.pin_memory,
             drop_last=False,
             collate_fn=getattr(dataset, "collate_fn", None),
             **worker_args,

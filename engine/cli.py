@@ -20,8 +20,16 @@ Train a CLIP model from a YAML config. Overrides use dotted keys, e.g.
 """
 
 
+#: ``composer <name> ...`` runs ``<module>.main(argv)``; each returns an exit status
+SUBCOMMANDS: dict[str, str] = {}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="composer", usage=USAGE)
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")

@@ -50,6 +50,20 @@ class LossConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """OpenCLIP's aug-cfg keys, applied to training images."""
+
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # RandomResizedCrop area range
+    ratio: list[float] | None = None  # aspect-ratio range; default (3/4, 4/3)
+    color_jitter: Any = None  # a number, or [brightness, contrast, saturation, hue]
+    color_jitter_prob: float | None = None
+    gray_scale_prob: float | None = None
+    re_prob: float | None = None  # random erasing (use_timm only)
+    re_count: int | None = None
+    use_timm: bool = False  # timm's create_transform
+
+
+@dataclass
 class DataConfig:
     train: dict[str, Any] | None = None  # {type: synthetic|..., <that dataset's arguments>}
     val: dict[str, Any] | None = None
@@ -58,6 +72,7 @@ class DataConfig:
     pin_memory: bool = True  # only takes effect on CUDA
     persistent_workers: bool = True
     prefetch_factor: int = 2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -261,6 +276,12 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"data.{split}.type", f"missing. Choose one of {', '.join(DATASETS.names())}.")
         args = {k: v for k, v in dataset.items() if k != "type"}
         DATASETS.check_args(dataset.type, args, f"data.{split}", runtime=DATASET_RUNTIME_ARGS)
+    try:
+        from cadenza.datasets.transforms import image_transform
+
+        image_transform(32, True, **OmegaConf.to_container(cfg.data.augment))
+    except (TypeError, ValueError) as error:
+        raise ConfigError("data.augment", str(error)) from error
     if cfg.data.train is None and cfg.data.val is None:
         raise ConfigError("data.train", "nothing to do: set data.train (to train) or data.val (to evaluate).")
     for section, registry, runtime in (
@@ -275,6 +296,6 @@ def _check_values(cfg: DictConfig) -> None:
 
 
 #: arguments a dataset builder gets from the trainer, never from YAML
-DATASET_RUNTIME_ARGS = ("image_size", "context_length", "vocab_size", "seed", "transform", "tokenizer")
+DATASET_RUNTIME_ARGS = ("image_size", "context_length", "vocab_size", "seed", "context")
 #: arguments a logger gets from the trainer
 LOGGER_RUNTIME_ARGS = ("run_dir",)

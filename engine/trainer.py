@@ -19,7 +19,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from cadenza.datasets.context import LoaderContext
 from cadenza.datasets.loader import ResumableLoader
+from cadenza.datasets.transforms import image_transform
 from cadenza.engine import dist
 from cadenza.engine.callbacks import RetrievalEvaluator, TrainMetrics
 from cadenza.engine.checkpoint import CheckpointSaver, find_latest, load_checkpoint
@@ -32,6 +34,7 @@ from cadenza.engine.optim import build_optimizer, build_scheduler
 from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, MODELS
 from cadenza.engine.state import State
 from cadenza.engine.time import Time
+from cadenza.models.tokenizer import get_tokenizer
 
 log = logging.getLogger("cadenza")
 
@@ -146,34 +149,38 @@ class Trainer:
     def _build_loader(self, section: DictConfig | None, key: str, model: nn.Module, info: dist.DistInfo, train: bool):
         if section is None:
             return None
-        args = {k: v for k, v in _plain(section).items() if k != "type"}
+        data = self.cfg.data
+        context = LoaderContext(
+            train=train,
+            batch_size=data.batch_size,
+            dist=info,
+            seed=self.cfg.run.seed,
+            image_size=model.image_size,
+            context_length=model.context_length,
+            vocab_size=model.vocab_size,
+            transform=image_transform(
+                model.image_size, train, model.image_mean, model.image_std, **_plain(data.augment)
+            ),
+            tokenizer=get_tokenizer(self.cfg.model.name, context_length=model.context_length),
+            workers=data.workers,
+            pin_memory=data.pin_memory and torch.cuda.is_available(),
+            persistent_workers=data.persistent_workers,
+            prefetch_factor=data.prefetch_factor,
+        )
         runtime = {
             "image_size": model.image_size,
             "context_length": model.context_length,
             "vocab_size": model.vocab_size,
+            "seed": self.cfg.run.seed,
+            "context": context,
         }
-        builder = DATASETS.get(section.type, f"{key}.type")
-        accepted = inspect.signature(builder).parameters
-        runtime = {k: v for k, v in runtime.items() if k in accepted}
-        if "seed" in accepted:
-            runtime["seed"] = self.cfg.run.seed
-        dataset = DATASETS.build(section.type, args, key, **runtime)
+        accepted = inspect.signature(DATASETS.get(section.type, f"{key}.type")).parameters
+        args = {k: v for k, v in _plain(section).items() if k != "type"}
+        dataset = DATASETS.build(section.type, args, key, **{k: v for k, v in runtime.items() if k in accepted})
         if hasattr(dataset, "state_dict") and hasattr(dataset, "batches_per_epoch"):
             return dataset  # a format with its own resumable loader
-        data = self.cfg.data
         try:
-            return ResumableLoader(
-                dataset,
-                batch_size=data.batch_size,
-                dist=info,
-                seed=self.cfg.run.seed,
-                shuffle=train,
-                drop_last=train,
-                workers=data.workers,
-                pin_memory=data.pin_memory and torch.cuda.is_available(),
-                persistent_workers=data.persistent_workers,
-                prefetch_factor=data.prefetch_factor,
-            )
+            return ResumableLoader(dataset, context)
         except ValueError as error:
             raise ConfigError("data.batch_size", str(error)) from error
 

@@ -11,6 +11,8 @@ from torch import nn
 from cadenza.models.text import TextTransformer
 from cadenza.models.vision import TimmImageTower
 
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100)
 
@@ -23,6 +25,7 @@ class CLIP(nn.Module):
         text: the text tower (``tokens -> (B, E)``).
         init_logit_scale: initial log temperature (OpenCLIP: ln(1/0.07)).
         init_logit_bias: initial logit bias; ``None`` means the model has none (CLIP), SigLIP uses -10.
+        image_mean, image_std: the normalization its image transforms use.
     """
 
     def __init__(
@@ -31,8 +34,12 @@ class CLIP(nn.Module):
         text: TextTransformer,
         init_logit_scale: float = LOGIT_SCALE_INIT,
         init_logit_bias: float | None = None,
+        image_mean: tuple[float, ...] = OPENAI_MEAN,
+        image_std: tuple[float, ...] = OPENAI_STD,
     ) -> None:
         super().__init__()
+        self.image_mean = tuple(image_mean)
+        self.image_std = tuple(image_std)
         self.visual = visual
         self.text = text
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))

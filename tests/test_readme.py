@@ -27,7 +27,9 @@ def test_python_examples_run(code):
 
 def test_yaml_reference_lists_every_key_with_its_default():
     reference = next(b for b in blocks("yaml") if b.startswith("run:"))
-    assert OmegaConf.to_container(OmegaConf.create(reference)) == OmegaConf.to_container(OmegaConf.structured(CadenzaConfig))
+    assert OmegaConf.to_container(OmegaConf.create(reference)) == OmegaConf.to_container(
+        OmegaConf.structured(CadenzaConfig)
+    )
 
 
 def test_yaml_snippets_are_valid_sections():
