@@ -20,3 +20,28 @@ def tiny_config(tmp_path: Path, *overrides: str):
 @pytest.fixture
 def tiny(tmp_path):
     return lambda *overrides: tiny_config(tmp_path, *overrides)
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """One moto S3 server for the session (see tests/s3.py)."""
+    from .s3 import MotoServer
+
+    server = MotoServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_server, monkeypatch, request):
+    """A fresh bucket on the moto server, with S3_ENDPOINT_URL and test credentials in the environment.
+
+    Returns the bucket name; ``s3://<name>/...`` URIs then work in boto3, streaming and Cadenza.
+    """
+    from .s3 import CREDENTIALS
+
+    for key, value in {**CREDENTIALS, "S3_ENDPOINT_URL": moto_server.endpoint}.items():
+        monkeypatch.setenv(key, value)
+    name = "test-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    moto_server.client().create_bucket(Bucket=name)
+    return name
