@@ -1,7 +1,7 @@
 """Cadenza's engine: events, state, algorithms, callbacks, the trainer and the ``composer`` CLI."""
 
 from cadenza.engine.algorithm import Algorithm, Callback
-from cadenza.engine.errors import CadenzaError, CheckpointError, ConfigError, TrainingError
+from cadenza.engine.errors import CadenzaError, CheckpointError, ConfigError, DataError, TrainingError
 from cadenza.engine.event import Event
 from cadenza.engine.time import Time, Timestamp, TimeUnit
 
@@ -11,6 +11,7 @@ __all__ = [
     "Callback",
     "CheckpointError",
     "ConfigError",
+    "DataError",
     "Event",
     "Time",
     "TimeUnit",

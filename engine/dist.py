@@ -60,6 +60,24 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value / get_world_size()
 
 
+def all_reduce_sum(value: int, device: torch.device) -> int:
+    """Sum an integer over processes (returns it unchanged at world size 1)."""
+    if get_world_size() == 1:
+        return value
+    total = torch.tensor(value, dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def all_gather_object(value: object) -> list:
+    """Every process's ``value``, in rank order (``[value]`` at world size 1)."""
+    if get_world_size() == 1:
+        return [value]
+    gathered: list = [None] * get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def barrier() -> None:
     if get_world_size() > 1:
         dist.barrier()

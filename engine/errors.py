@@ -31,6 +31,13 @@ class CheckpointError(CadenzaError, RuntimeError):
     """A checkpoint cannot be written, found or read."""
 
 
+class DataError(CadenzaError, RuntimeError):
+    """A data source cannot be used at all (nothing in it decodes, no shard can be read, ...).
+
+    One bad sample never raises this: it is skipped and counted (``data/skipped``).
+    """
+
+
 def suggest(name: str, choices: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest choice, or a list of valid choices."""
     choices = sorted(choices)

@@ -1,0 +1,275 @@
+"""What every dataset format shares: per-sample seeding, bad-sample skips, collation and skip counting.
+
+**Per-sample determinism.** A training sample's augmentation (random crop, jitter, erasing) is drawn from
+generators seeded by ``sample_seed(seed, epoch, index)``: it depends on the sample and the epoch only, not on
+the number of processes or DataLoader workers, nor on where a run resumed. ``seeded_rng`` forks the three
+generators transforms use — torch's CPU generator (torchvision), Python's ``random`` (timm) and NumPy's global
+one — and restores them afterwards, so loading in the main process (``data.workers: 0``) leaves the training
+RNG exactly as it was.
+
+**Bad samples.** ``decode_image`` and ``clean_caption`` raise ``SampleError`` with a reason. A stream format
+turns it into a ``Skipped(reason)`` item and the loader takes the next sample; a map-style format replaces the
+sample by the first of its ``substitutes`` that decodes and reports the failed attempts in ``Sample.skipped``.
+``SampleCollator`` keeps samples and skips in stream order (``SampleBatch.events``); the loader, in the main
+process, strips them and counts them with a ``SkipCounter`` (``data/skipped``, reasons in ``out.log``).
+
+Example:
+    >>> import torch
+    >>> from torchvision import transforms as T
+    >>> crop = T.RandomCrop(2)
+    >>> image = torch.arange(16.0).reshape(1, 4, 4)
+    >>> seed = sample_seed(0, epoch=3, index=17)
+    >>> torch.equal(transform_sample(crop, image, seed), transform_sample(crop, image, seed))
+    True
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from cadenza.engine.errors import DataError
+
+log = logging.getLogger("cadenza")
+
+_MASK64 = (1 << 64) - 1
+#: a map-style sample that fails is replaced by one of this many candidates before the source is declared dead
+MAX_SUBSTITUTES = 1000
+
+
+# -- seeding --------------------------------------------------------------------------------------------
+def mix64(*values: int) -> int:
+    """A 64-bit hash of a tuple of integers (SplitMix64 steps): stable across runs, platforms and versions."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & _MASK64)) & _MASK64
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state = z ^ (z >> 31)
+    return state
+
+
+def sample_seed(seed: int, epoch: int, index: int, *salt: int) -> int:
+    """The seed of sample ``index`` in ``epoch`` of a run seeded ``seed`` (63 bits; ``salt`` adds more keys)."""
+    return mix64(seed, epoch, index, *salt) >> 1
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run the block with torch's CPU generator, ``random`` and NumPy's global generator seeded from ``seed``.
+
+    The previous states are restored on exit. CUDA generators are not touched (transforms run on CPU).
+    """
+    torch_state = torch.get_rng_state()
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def transform_sample(transform: Callable[[Any], torch.Tensor], image: Any, seed: int) -> torch.Tensor:
+    """``transform(image)`` with every random draw seeded from ``seed`` (see ``sample_seed``)."""
+    with seeded_rng(seed):
+        return transform(image)
+
+
+# -- decoding ---------------------------------------------------------------------------------------------
+class SampleError(Exception):
+    """One sample cannot be used; the message is the reason logged when it is skipped."""
+
+
+def decode_image(data: bytes | None):
+    """Decode image bytes into a fully loaded PIL image, or raise ``SampleError`` (corrupt, truncated, empty)."""
+    from PIL import Image
+
+    if not data:
+        raise SampleError("empty image")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decode now: a truncated file fails here, not inside the transform
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for bad data
+        raise SampleError(f"undecodable image ({type(error).__name__}: {error})") from None
+    return image
+
+
+def read_image_file(path: str):
+    """Read and decode an image file, or raise ``SampleError`` (missing, unreadable, corrupt)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise SampleError(f"missing file {path}") from None
+    except OSError as error:
+        raise SampleError(f"unreadable file {path} ({error.strerror or error})") from None
+    try:
+        return decode_image(data)
+    except SampleError as error:
+        raise SampleError(f"{error} in {path}") from None
+
+
+def clean_caption(value: bytes | str | None) -> str:
+    """The caption as text, stripped; ``SampleError`` when it is missing, empty or not UTF-8."""
+    if value is None:
+        raise SampleError("no caption")
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SampleError("caption is not valid UTF-8") from None
+    else:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SampleError("caption is not valid UTF-8") from None
+    text = value.strip()
+    if not text:
+        raise SampleError("empty caption")
+    return text
+
+
+def substitutes(index: int, num_samples: int, limit: int = MAX_SUBSTITUTES) -> Iterator[int]:
+    """``index``, then the candidates that replace it when it fails: a fixed pseudo-random order of other rows.
+
+    Depends on ``index`` only (not on the worker or the epoch), so a replaced sample is replaced the same way
+    in every run. Every row is tried when there are at most ``limit``; otherwise ``limit`` candidates.
+    """
+    yield index
+    if num_samples <= limit:
+        order = np.random.default_rng(mix64(index, num_samples)).permutation(num_samples)
+        yield from (int(i) for i in order if i != index)
+        return
+    for attempt in range(1, limit):
+        yield mix64(index, attempt) % num_samples
+
+
+# -- batches ----------------------------------------------------------------------------------------------
+class Sample(NamedTuple):
+    """A decoded, transformed sample; ``skipped`` holds reasons of samples it replaced (map-style formats)."""
+
+    image: torch.Tensor  # (3, H, W)
+    caption: str
+    skipped: tuple[str, ...] = ()
+
+
+class Skipped(NamedTuple):
+    """A sample (or a damaged stretch of a shard) that was dropped, with the reason."""
+
+    reason: str
+
+
+class SampleBatch(NamedTuple):
+    """A collated batch: ``events`` lists, in stream order, ``None`` for each sample and a reason for each skip."""
+
+    images: torch.Tensor  # (N, 3, H, W)
+    tokens: torch.Tensor  # (N, L)
+    events: tuple[str | None, ...]
+
+    @property
+    def skipped(self) -> list[str]:
+        return [event for event in self.events if event is not None]
+
+
+class SampleCollator:
+    """``collate_fn`` for lists of ``Sample`` / ``Skipped``: stacks images, tokenizes captions in one call.
+
+    Args:
+        tokenizer: captions → ``(N, L)`` token ids.
+        image_shape: ``(3, H, W)``, for the empty image tensor of a batch where every item was skipped.
+        context_length: ``L``, likewise.
+    """
+
+    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor], image_shape: Sequence[int], context_length: int):
+        self.tokenizer = tokenizer
+        self.image_shape = tuple(image_shape)
+        self.context_length = context_length
+
+    def __call__(self, items: Sequence[Sample | Skipped]) -> SampleBatch:
+        samples = [item for item in items if isinstance(item, Sample)]
+        events: list[str | None] = []
+        for item in items:
+            if isinstance(item, Skipped):
+                events.append(item.reason)
+            else:
+                events.extend(item.skipped)
+                events.append(None)
+        if not samples:
+            empty = torch.empty(0, *self.image_shape), torch.zeros(0, self.context_length, dtype=torch.long)
+            return SampleBatch(*empty, tuple(events))
+        images = torch.stack([s.image for s in samples])  # (N, 3, H, W)
+        tokens = self.tokenizer([s.caption for s in samples])  # (N, L)
+        return SampleBatch(images, tokens, tuple(events))
+
+
+class SkipCounter:
+    """Counts skipped samples in the main process and logs their reasons (``logging.getLogger("cadenza")``).
+
+    The first ``log_first`` reasons are logged one by one, then one summary line per ``log_every`` skips.
+    ``skipped`` is what this process has consumed since the loader was built (the trainer sums it over
+    processes and adds what earlier runs of a resumed job counted).
+
+    Args:
+        source: names the data source in log lines (``csv /data/train.csv``).
+    """
+
+    def __init__(self, source: str, log_first: int = 100, log_every: int = 1000) -> None:
+        self.source = source
+        self.log_first = log_first
+        self.log_every = log_every
+        self.skipped = 0
+
+    def add(self, reasons: Iterable[str]) -> None:
+        for reason in reasons:
+            self.skipped += 1
+            if self.skipped <= self.log_first:
+                log.warning("skipped a sample of %s: %s", self.source, reason)
+                if self.skipped == self.log_first:
+                    log.warning("further skips of %s are counted in data/skipped and summarized", self.source)
+            elif self.skipped % self.log_every == 0:
+                log.warning("%d samples of %s skipped so far; latest: %s", self.skipped, self.source, reason)
+
+
+def nothing_decodes(source: str, reasons: Sequence[str]) -> DataError:
+    """The error for a source where no sample could be used, with a few of the reasons."""
+    examples = "; ".join(dict.fromkeys(reasons[:5]))
+    return DataError(
+        f"no sample of {source} can be used: {len(reasons)} tried, all skipped (e.g. {examples}). "
+        "Check the path, the format's column / member names and that the files are readable."
+    )
+
+
+# -- compact string storage -------------------------------------------------------------------------------
+class StringTable:
+    """Strings packed in one bytes buffer with an offsets array.
+
+    A list of millions of Python strings in a dataset makes forked DataLoader workers copy the pages they touch
+    (reference counts); two flat buffers do not.
+    """
+
+    def __init__(self, strings: Iterable[str]) -> None:
+        encoded = [s.encode("utf-8", "surrogateescape") for s in strings]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
+        self._data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> str:
+        start, end = self._offsets[index], self._offsets[index + 1]
+        return self._data[start:end].tobytes().decode("utf-8", "surrogateescape")
