@@ -1,13 +1,18 @@
-"""Checkpoints: atomic local writes, retention, and finding the newest complete one.
+"""Checkpoints: atomic local writes with checksums, retention, background upload to an object store,
+and finding the newest complete checkpoint locally or remotely.
 
 A checkpoint is a ``torch.save``d dict: ``state_dict`` (model weights, OpenCLIP's key), ``optimizer``,
 ``scaler``, ``scheduler``, ``timestamp``, ``rng``, ``dataloader``, ``algorithms``, ``callbacks``,
 plus ``epoch``, ``name`` and the resolved ``config`` (YAML text). Files are named
-``ep{epoch}-ba{batch}.pt``; ``epoch_latest.pt`` is a copy of the newest.
+``ep{epoch}-ba{batch}.pt``, each with a ``.sha256`` sidecar written after it (a checkpoint without
+one is incomplete); ``epoch_latest.pt`` is a copy of the newest. In an object store, ``latest.json``
+names the newest checkpoint and is written only after all of its files are uploaded.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -21,15 +26,17 @@ import torch
 
 from cadenza.engine.algorithm import Callback
 from cadenza.engine.errors import CheckpointError
+from cadenza.engine.object_store import BackgroundTransfers, ObjectStore, get_object_store
 from cadenza.engine.time import Time, TimeUnit
 
 if TYPE_CHECKING:
     from cadenza.engine.logger import Logger
     from cadenza.engine.state import State
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cadenza")
 
 LATEST = "epoch_latest.pt"
+POINTER = "latest.json"
 _NAME = re.compile(r"^ep(\d+)-ba(\d+)\.pt$")
 
 
@@ -37,38 +44,79 @@ def checkpoint_name(epoch: int, batch: int) -> str:
     return f"ep{epoch}-ba{batch}.pt"
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """Write ``obj`` to ``path`` through a temporary file, fsync, and rename: never a half-written file.
+def step_of(name: str) -> int | None:
+    match = _NAME.match(name)
+    return int(match.group(2)) if match else None
 
-    On failure (full disk, ...) the temporary file is removed and any previous ``path`` is untouched.
-    """
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(error, OSError):
-            raise CheckpointError(
-                f"could not write checkpoint {path}: {error}; the previous checkpoint is kept"
-            ) from error
+            raise CheckpointError(f"could not write {path}: {error}; the previous checkpoint is kept") from error
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)
+
+
+def save_atomic(obj: Any, path: Path) -> str:
+    """Write ``obj`` to ``path`` (temporary file, fsync, rename), then its ``.sha256`` sidecar.
+
+    A crash at any point leaves either the previous state or a complete checkpoint; a failure (a full
+    disk) removes the temporary file and keeps any previous ``path``. Returns the SHA-256.
+    """
+    _write_atomic(path, lambda handle: torch.save(obj, handle))
+    digest = sha256_of(path)
+    sidecar = json.dumps({"sha256": digest, "size": path.stat().st_size}).encode()
+    _write_atomic(sidecar_of(path), lambda handle: handle.write(sidecar))
+    return digest
+
+
+def sidecar_of(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def verify(path: Path, require_sidecar: bool = True) -> None:
+    """Raise ``CheckpointError`` unless ``path`` matches its recorded size and SHA-256."""
+    sidecar = sidecar_of(path)
+    if not sidecar.is_file():
+        if require_sidecar:
+            raise CheckpointError(f"checkpoint '{path}' has no checksum file: it was not completely written")
+        return
+    expected = json.loads(sidecar.read_text())
+    if path.stat().st_size != expected["size"] or sha256_of(path) != expected["sha256"]:
+        raise CheckpointError(f"checkpoint '{path}' does not match its checksum: it is corrupt or partial")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint on CPU with ``weights_only=True`` (no arbitrary code from pickles)."""
+    """Verify (when a checksum exists) and load on CPU with ``weights_only=True`` (no code from pickles)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist (config key 'checkpoint.resume')")
+    verify(path, require_sidecar=False)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is reported the same way
@@ -79,47 +127,112 @@ def numbered_checkpoints(folder: Path) -> list[Path]:
     """``ep*-ba*.pt`` files in ``folder``, oldest first (by step)."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(2)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    found = [(step, p) for p in folder.iterdir() if (step := step_of(p.name)) is not None]
     return [p for _, p in sorted(found)]
 
 
 def find_latest(folder: Path) -> Path | None:
-    """The newest checkpoint in ``folder`` that loads, or ``None``. Unreadable ones are reported and skipped."""
+    """The newest complete checkpoint in ``folder`` (checksum verified), or ``None``; bad ones are reported."""
     for path in reversed(numbered_checkpoints(folder)):
         try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:  # noqa: BLE001
-            log.warning("skipping unreadable checkpoint %s: %s", path, error)
+            verify(path)
+        except CheckpointError as error:
+            log.warning("skipping checkpoint: %s", error)
             continue
         return path
     return None
+
+
+def find_latest_remote(store: ObjectStore, local_folder: Path, newer_than: int = -1) -> Path | None:
+    """Download the newest complete checkpoint from ``store`` if it is newer than step ``newer_than``.
+
+    A checkpoint is complete when its checksum file exists (uploaded after the checkpoint itself).
+    They are tried newest first; a download that fails its checksum is reported and the previous
+    one is tried.
+    """
+    keys = store.list()
+    complete = sorted((step, key) for key in keys if (step := step_of(key)) is not None and f"{key}.sha256" in keys)
+    for step, key in reversed(complete):
+        if step <= newer_than:
+            return None
+        target = local_folder / key
+        try:
+            store.download(f"{key}.sha256", sidecar_of(target))
+            store.download(key, target)
+            verify(target)
+        except Exception as error:  # noqa: BLE001 - try the previous checkpoint
+            log.warning("skipping remote checkpoint %s: %s", store.join(key), error)
+            target.unlink(missing_ok=True)
+            sidecar_of(target).unlink(missing_ok=True)
+            continue
+        log.info("downloaded checkpoint %s", store.join(key))
+        return target
+    return None
+
+
+def resolve_resume(resume: str, local_folder: Path, remote: str | None) -> Path | None:
+    """``checkpoint.resume`` → a local file: ``latest`` looks locally, then in the object store."""
+    if resume != "latest":
+        if resume.startswith("s3://"):
+            uri, _, name = resume.rpartition("/")
+            store = get_object_store(uri)
+            target = local_folder / name
+            store.download(name, target)
+            if f"{name}.sha256" in store.list(name):
+                store.download(f"{name}.sha256", sidecar_of(target))
+            return target
+        return Path(resume)
+    local = find_latest(local_folder)
+    local_step = step_of(local.name) if local is not None else -1
+    if remote is not None:
+        downloaded = find_latest_remote(get_object_store(remote), local_folder, newer_than=local_step)
+        if downloaded is not None:
+            return downloaded
+    return local
 
 
 class CheckpointSaver(Callback):
     """Saves a checkpoint every ``save_interval`` and at the end of training (rank 0 writes).
 
     Args:
-        folder: where checkpoints go.
+        folder: the local folder checkpoints are written to.
         save_interval: a time string; epochs save at epoch ends, batches and samples after steps,
             wall-clock (``30m``) after the first step past the interval.
-        keep: numbered checkpoints kept, newest first (-1: all).
-        save_latest: keep ``epoch_latest.pt`` as a copy of the newest.
+        keep: numbered checkpoints kept, newest first (-1: all); applies remotely too.
+        save_latest: keep ``epoch_latest.pt`` as a copy of the newest (remotely too).
         run_name: stored in the checkpoint as ``name``.
         config_yaml: the resolved config, stored as ``config``.
+        remote: an object-store URI (``s3://bucket/prefix``) checkpoints are uploaded to in the background.
+        upload_timeout: seconds to wait at the end for pending uploads.
     """
 
     def __init__(
-        self, folder: str | Path, save_interval: str, keep: int, save_latest: bool, run_name: str, config_yaml: str
-    ):
+        self,
+        folder: str | Path,
+        save_interval: str,
+        keep: int,
+        save_latest: bool,
+        run_name: str,
+        config_yaml: str,
+        remote: str | None = None,
+        upload_timeout: float = 600.0,
+    ) -> None:
         self.folder = Path(folder)
         self.interval = Time.parse(save_interval, "checkpoint.save_interval", allow_wall_clock=True)
         self.keep = keep
         self.save_latest = save_latest
         self.run_name = run_name
         self.config_yaml = config_yaml
+        self.remote = get_object_store(remote) if remote else None
+        self.upload_timeout = upload_timeout
+        self._uploads: BackgroundTransfers | None = None
         self._every_batches = 0
         self._last_saved_batch = -1
         self._last_save_time = time.monotonic()
+        for stale in self.folder.glob(".*.tmp") if self.folder.is_dir() else []:
+            stale.unlink(
+                missing_ok=True
+            )  # left by a process killed mid-save (uploads' .upload links stay: see _upload)
 
     def fit_start(self, state: State, logger: Logger) -> None:
         self._last_save_time = time.monotonic()
@@ -142,7 +255,7 @@ class CheckpointSaver(Callback):
         self.save(state)
 
     def save(self, state: State) -> Path | None:
-        """Write the checkpoint for the current step (once per step), then apply retention."""
+        """Write the checkpoint for the current step (once per step), then apply retention and upload."""
         if state.timestamp.batch == self._last_saved_batch:
             return None
         self._last_saved_batch = state.timestamp.batch
@@ -153,13 +266,15 @@ class CheckpointSaver(Callback):
         checkpoint.update(epoch=state.timestamp.epoch, name=self.run_name, config=self.config_yaml)
         path = self.folder / checkpoint_name(state.timestamp.epoch, state.timestamp.batch)
         started = time.perf_counter()
-        save_atomic(checkpoint, path)
+        digest = save_atomic(checkpoint, path)
         if self.save_latest:
             latest_tmp = self.folder / f".{LATEST}.tmp"
             shutil.copyfile(path, latest_tmp)
             os.replace(latest_tmp, self.folder / LATEST)
         log.info("saved checkpoint %s (%.1fs)", path, time.perf_counter() - started)
         self._apply_retention()
+        if self.remote is not None:
+            self._upload(path, digest, state.timestamp.batch)
         return path
 
     def _apply_retention(self) -> None:
@@ -167,4 +282,53 @@ class CheckpointSaver(Callback):
             return
         for old in numbered_checkpoints(self.folder)[: -self.keep]:
             old.unlink(missing_ok=True)
+            sidecar_of(old).unlink(missing_ok=True)
             log.info("deleted old checkpoint %s (checkpoint.keep=%d)", old, self.keep)
+
+    # -- object store -------------------------------------------------------------------------------
+    def _upload(self, path: Path, digest: str, step: int) -> None:
+        """Queue the checkpoint's files, then the pointer, then remote retention, in that order."""
+        if self._uploads is None:
+            self._uploads = BackgroundTransfers("checkpoint upload")
+        store, name = self.remote, path.name
+        # Upload from hard links: local retention may delete the files before their upload runs.
+        staged, staged_sidecar = self.folder / f".{name}.upload", self.folder / f".{name}.sha256.upload"
+        for source, link in ((path, staged), (sidecar_of(path), staged_sidecar)):
+            link.unlink(missing_ok=True)
+            os.link(source, link)
+        self._uploads.submit(f"upload of {name}", lambda: store.upload(staged, name))
+        self._uploads.submit(f"upload of {name}.sha256", lambda: store.upload(staged_sidecar, f"{name}.sha256"))
+        pointer = json.dumps({"name": name, "step": step, "sha256": digest}).encode()
+
+        def finish() -> None:
+            if self.save_latest:
+                store.copy(name, LATEST)
+            pointer_file = self.folder / f".{POINTER}"
+            pointer_file.write_bytes(pointer)
+            store.upload(pointer_file, POINTER)
+            staged.unlink(missing_ok=True)
+            staged_sidecar.unlink(missing_ok=True)
+            log.info("uploaded checkpoint %s", store.join(name))
+
+        self._uploads.submit(f"pointer update to {name}", finish)
+        if self.keep != -1:
+            self._uploads.submit("remote retention", self._apply_remote_retention)
+
+    def _apply_remote_retention(self) -> None:
+        keys = self.remote.list()
+        numbered = sorted((step, key) for key in keys if (step := step_of(key)) is not None)
+        for _, key in numbered[: -self.keep]:
+            self.remote.delete(key)
+            self.remote.delete(f"{key}.sha256")
+            log.info("deleted old remote checkpoint %s", self.remote.join(key))
+
+    def close(self, state: State, logger: Logger) -> None:
+        if self._uploads is None:
+            return
+        left = self._uploads.close(self.upload_timeout)
+        self._uploads = None
+        if left:
+            raise CheckpointError(
+                f"{len(left)} checkpoint uploads to {self.remote.uri} could not be completed within "
+                f"{self.upload_timeout:.0f}s ({'; '.join(left)}); the local copies are kept in {self.folder}"
+            )

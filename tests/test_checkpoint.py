@@ -23,14 +23,20 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         ckpt.save_atomic({"x": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(ckpt.load_checkpoint(path)["x"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["ep0-ba1.pt"]  # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ep0-ba1.pt", "ep0-ba1.pt.sha256"]  # no temporary file left
 
 
 def test_find_latest_skips_unreadable_files(tmp_path):
     ckpt.save_atomic({"step": 2}, tmp_path / "ep0-ba2.pt")
     ckpt.save_atomic({"step": 10}, tmp_path / "ep0-ba10.pt")
-    (tmp_path / "ep1-ba12.pt").write_bytes(b"truncated")
+    (tmp_path / "ep1-ba12.pt").write_bytes(b"truncated")  # no checksum file: killed while writing
+    ckpt.save_atomic({"step": 14}, tmp_path / "ep1-ba14.pt")
+    with (tmp_path / "ep1-ba14.pt").open("r+b") as handle:  # bit rot after a complete write
+        handle.seek(40)
+        handle.write(b"\x00\x01")
     assert ckpt.find_latest(tmp_path) == tmp_path / "ep0-ba10.pt"  # numeric order, not text order
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        ckpt.load_checkpoint(tmp_path / "ep1-ba14.pt")
     assert ckpt.find_latest(tmp_path / "missing") is None
     with pytest.raises(CheckpointError, match="corrupt or incomplete"):
         ckpt.load_checkpoint(tmp_path / "ep1-ba12.pt")
@@ -48,7 +54,8 @@ def test_keep_and_latest(tiny):
     trainer = Trainer(tiny("data.val=null", "checkpoint.save_interval=2ba", "checkpoint.keep=2", "run.duration=8ba"))
     trainer.fit()
     folder = trainer.run_dir / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["ep0-ba6.pt", "ep0-ba8.pt", "epoch_latest.pt"]
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["ep0-ba6.pt", "ep0-ba8.pt", "epoch_latest.pt"]
+    assert sorted(p.name for p in folder.glob("*.sha256")) == ["ep0-ba6.pt.sha256", "ep0-ba8.pt.sha256"]
     latest = ckpt.load_checkpoint(folder / "epoch_latest.pt")
     assert latest["timestamp"]["batch"] == 8
 
