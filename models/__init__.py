@@ -1,7 +1,17 @@
 """Cadenza models: OpenCLIP architectures on timm image towers, the text tower, tokenizer and losses."""
 
 from cadenza.models.clip import CLIP
-from cadenza.models.factory import create_model, get_model_config, list_models, load_weights
+from cadenza.models.factory import create_model, get_model_config, list_models
+from cadenza.models.pretrained import list_pretrained_tags, load_pretrained
 from cadenza.models.tokenizer import ClipTokenizer, get_tokenizer
 
-__all__ = ["CLIP", "ClipTokenizer", "create_model", "get_model_config", "get_tokenizer", "list_models", "load_weights"]
+__all__ = [
+    "CLIP",
+    "ClipTokenizer",
+    "create_model",
+    "get_model_config",
+    "get_tokenizer",
+    "list_models",
+    "list_pretrained_tags",
+    "load_pretrained",
+]

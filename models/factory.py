@@ -1,14 +1,30 @@
-"""Build models by OpenCLIP architecture name. Architectures are data: ``architectures/<name>.yaml``."""
+"""Build models by OpenCLIP architecture name. Architectures are data: ``architectures/<name>.yaml``.
+
+An architecture file holds the fields below; ``model.overrides`` in a run's YAML changes any of them (nested
+mappings merge), so a custom architecture is a known one plus overrides. Values may interpolate other fields of
+the same file (``img_size: ${vision.image_size}``); interpolation is resolved after the overrides are merged.
+
+```
+model_type: clip          # which assembly builds it (CLIP; CoCa registers its own)
+embed_dim: 512            # the joint image–text space
+quick_gelu: false         # the text tower's activation (OpenAI's sigmoid approximation when true)
+image_mean: [...]         # the normalization the model's image transforms use
+image_std: [...]
+vision: {...}             # TimmImageTower's arguments
+text: {...}               # TextTransformer's arguments
+```
+"""
 
 from __future__ import annotations
 
 import copy
-import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import nn
 
 from cadenza.engine.errors import ConfigError, suggest
 from cadenza.engine.registry import MODELS
@@ -16,19 +32,24 @@ from cadenza.models.clip import CLIP
 from cadenza.models.text import TextTransformer
 from cadenza.models.vision import TimmImageTower
 
-log = logging.getLogger(__name__)
 ARCHITECTURE_DIR = Path(__file__).parent / "architectures"
 
 
 def list_models() -> list[str]:
+    """Every architecture name (the files in ``architectures/``)."""
     return sorted(p.stem for p in ARCHITECTURE_DIR.glob("*.yaml"))
 
 
-def get_model_config(name: str) -> dict[str, Any]:
+def get_model_config(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Architecture ``name``'s fields, with ``overrides`` merged in and interpolations resolved."""
     path = ARCHITECTURE_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError("model.name", f"unknown architecture '{name}'.{suggest(name, list_models())}")
-    return OmegaConf.to_container(OmegaConf.load(path))
+    merged = _merge(OmegaConf.to_container(OmegaConf.load(path)), overrides or {})
+    try:
+        return OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
+    except OmegaConfBaseException as error:
+        raise ConfigError("model.overrides", f"architecture '{name}': {error}") from error
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -41,47 +62,64 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def build_clip(arch: dict[str, Any]) -> CLIP:
-    """Build a CLIP from an architecture dict (the YAML's fields)."""
-    known = {"embed_dim", "quick_gelu", "vision", "text", "init_logit_bias"}
+#: the fields a CLIP architecture may have
+CLIP_FIELDS = frozenset(
+    {"model_type", "embed_dim", "quick_gelu", "image_mean", "image_std", "vision", "text"}
+    | {"init_logit_scale", "init_logit_bias"}
+)
+
+
+def check_fields(arch: dict[str, Any], known: frozenset[str] | set[str]) -> None:
+    """Raise a ``ConfigError`` naming the first field of ``arch`` that is not in ``known``."""
     for key in arch:
         if key not in known:
             raise ConfigError(f"model.overrides.{key}", f"not an architecture field.{suggest(key, known)}")
+
+
+def build_clip(arch: dict[str, Any]) -> CLIP:
+    """Build a CLIP from an architecture dict (the YAML's fields)."""
+    check_fields(arch, CLIP_FIELDS)
     embed_dim = arch["embed_dim"]
-    visual = TimmImageTower(embed_dim=embed_dim, **arch["vision"])
-    text = TextTransformer(embed_dim=embed_dim, quick_gelu=arch.get("quick_gelu", False), **arch["text"])
-    return CLIP(visual, text, init_logit_bias=arch.get("init_logit_bias"))
+    try:
+        visual = TimmImageTower(embed_dim=embed_dim, **arch["vision"])
+        text = TextTransformer(embed_dim=embed_dim, quick_gelu=arch.get("quick_gelu", False), **arch["text"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ConfigError("model.overrides", f"the architecture cannot be built: {error}") from error
+    extra = {k: arch[k] for k in ("init_logit_scale", "init_logit_bias", "image_mean", "image_std") if k in arch}
+    return CLIP(visual, text, **extra)
 
 
-def create_model(name: str, pretrained: str | None = None, **overrides: Any) -> CLIP:
+#: ``model_type`` in an architecture file -> the function that builds the model from the file's fields
+BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {"clip": build_clip}
+
+
+def build_model(arch: dict[str, Any]) -> nn.Module:
+    """Build the model an architecture dict describes, dispatching on its ``model_type`` (default ``clip``)."""
+    model_type = arch.get("model_type", "clip")
+    if model_type not in BUILDERS:
+        raise ConfigError(
+            "model.overrides.model_type", f"unknown model_type '{model_type}'.{suggest(model_type, BUILDERS)}"
+        )
+    return BUILDERS[model_type](arch)
+
+
+def create_model(name: str, pretrained: str | None = None, **overrides: Any) -> nn.Module:
     """Build architecture ``name`` (fields changed by ``overrides``), optionally loading weights.
 
     Args:
         name: an architecture name from ``list_models()``.
-        pretrained: a local checkpoint file (a training checkpoint with ``state_dict`` or a bare state dict).
+        pretrained: weights to start from: a local file (OpenCLIP or Cadenza checkpoint, ``.pt`` / ``.bin`` /
+            ``.safetensors``), an ``s3://`` URI, or an OpenCLIP tag such as ``laion2b_s34b_b79k``.
         overrides: architecture fields to change, e.g. ``embed_dim=64`` or ``text={"layers": 4}``.
     """
-    model = build_clip(_merge(get_model_config(name), overrides))
-    if pretrained:
-        load_weights(model, pretrained)
+    from cadenza.models.pretrained import load_resolved, resolve_pretrained
+
+    arch = get_model_config(name, overrides)
+    resolved = resolve_pretrained(pretrained, name) if pretrained else None  # a bad source fails before building
+    model = build_model(arch)
+    if resolved is not None:
+        load_resolved(model, resolved, pretrained, name)
     return model
-
-
-def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Load a local checkpoint's weights (``module.`` prefixes from DDP are stripped)."""
-    if not Path(path).is_file():
-        raise ConfigError("model.pretrained", f"'{path}' is not a file. Pass a local checkpoint path.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            "model.pretrained",
-            f"'{path}' does not fit this architecture: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}).",
-        )
-    log.info("loaded weights from %s", path)
 
 
 for _name in list_models():
