@@ -1,6 +1,22 @@
 """Training techniques toggled in YAML under ``algorithms:``. One module per algorithm; importing
 this package registers them all."""
 
-from cadenza.algorithms.gradient_clipping import GradientClipping, clip_gradients
+from cadenza.algorithms.distillation import Distillation
+from cadenza.algorithms.ema import EMA
+from cadenza.algorithms.grad_checkpointing import GradCheckpointing
+from cadenza.algorithms.gradient_clipping import GradientClipping
+from cadenza.algorithms.lock_image import LockImage
+from cadenza.algorithms.lock_text import LockText
+from cadenza.algorithms.patch_dropout import PatchDropout
+from cadenza.algorithms.torch_compile import TorchCompile
 
-__all__ = ["GradientClipping", "clip_gradients"]
+__all__ = [
+    "EMA",
+    "Distillation",
+    "GradCheckpointing",
+    "GradientClipping",
+    "LockImage",
+    "LockText",
+    "PatchDropout",
+    "TorchCompile",
+]

@@ -6,5 +6,12 @@ A registered algorithm without an entry here fails ``test_every_algorithm_has_an
 from __future__ import annotations
 
 ALGORITHM_SETTINGS: dict[str, dict] = {
+    "distillation": {"teacher": "tiny-vit", "weight": 0.5},
+    "ema": {"half_life": "2ba", "start": "1ba"},
+    "grad_checkpointing": {},
     "gradient_clipping": {"norm": 0.5},
+    "lock_image": {"unlocked_groups": 1, "freeze_bn_stats": True},
+    "lock_text": {"unlocked_layers": 2, "freeze_layer_norm": False},
+    "patch_dropout": {"prob": 0.5},
+    "torch_compile": {"backend": "aot_eager"},
 }

@@ -1,0 +1,117 @@
+"""Exponential moving average of the weights (Polyak averaging; OpenCLIP has no flag for it).
+
+After every optimizer step from ``start`` on: ``ema = decay * ema + (1 - decay) * weights``, with
+``decay = 0.5 ** (1 / half_life)`` when the half-life is given in steps (epochs and samples are
+converted). Before ``start`` the average tracks the weights exactly. Buffers (BatchNorm statistics)
+are copied, not averaged. With ``evaluate_with_ema`` evaluation runs on the averaged weights (swapped
+in on ``EVAL_START``, swapped back on ``EVAL_END``). The average is saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cadenza.engine.algorithm import Algorithm
+from cadenza.engine.event import Event
+from cadenza.engine.logger import Logger
+from cadenza.engine.registry import ALGORITHMS
+from cadenza.engine.state import State
+from cadenza.engine.time import Time
+
+
+def decay_from_half_life(half_life_steps: float) -> float:
+    """The per-step decay after which a weight's influence halves in ``half_life_steps`` steps."""
+    return 0.5 ** (1.0 / half_life_steps)
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * weights`` for floating parameters; buffers are copied."""
+    params = dict(model.named_parameters())
+    averaged = [name for name in ema if name in params and ema[name].is_floating_point()]
+    torch._foreach_lerp_([ema[n] for n in averaged], [params[n].detach() for n in averaged], 1.0 - decay)
+    for name, buffer in model.named_buffers():
+        if name in ema:
+            ema[name].copy_(buffer)
+
+
+def copy_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+@ALGORITHMS.register("ema")
+class EMA(Algorithm):
+    """Keep an exponential moving average of the model's weights.
+
+    Args:
+        half_life: a time string (``1000ba``, ``0.1ep``); set this or ``decay``.
+        decay: the per-step decay directly (e.g. 0.9999).
+        start: when averaging starts (a time string); before it the average equals the weights.
+        evaluate_with_ema: evaluate on the averaged weights.
+    """
+
+    def __init__(
+        self,
+        half_life: str | None = None,
+        decay: float | None = None,
+        start: str = "0ba",
+        evaluate_with_ema: bool = True,
+    ) -> None:
+        if (half_life is None) == (decay is None):
+            raise ValueError("set exactly one of 'half_life' or 'decay'")
+        if half_life is not None:
+            Time.parse(half_life, "algorithms.ema.half_life")
+        if decay is not None and not 0 < decay < 1:
+            raise ValueError("decay must lie in (0, 1)")
+        Time.parse(start, "algorithms.ema.start")
+        self.half_life = half_life
+        self.decay = decay
+        self.start = start
+        self.evaluate_with_ema = evaluate_with_ema
+        self.ema: dict[str, torch.Tensor] = {}
+        self._training_weights: dict[str, torch.Tensor] | None = None
+
+    def step_decay(self, state: State) -> float:
+        if self.decay is not None:
+            return self.decay
+        steps = Time.parse(self.half_life).to_batches(
+            state.batches_per_epoch, state.samples_per_batch, state.max_batches
+        )
+        return decay_from_half_life(max(steps, 1))
+
+    def match(self, event: Event, state: State) -> bool:
+        if event in (Event.FIT_START, Event.AFTER_OPTIMIZER_STEP):
+            return True
+        return self.evaluate_with_ema and event in (Event.EVAL_START, Event.EVAL_END) and bool(self.ema)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.FIT_START:
+            if not self.ema:  # a resumed run has its average from the checkpoint
+                self.ema = copy_weights(state.model)
+        elif event == Event.AFTER_OPTIMIZER_STEP:
+            start = Time.parse(self.start).to_batches(
+                state.batches_per_epoch, state.samples_per_batch, state.max_batches
+            )
+            decay = self.step_decay(state) if state.timestamp.batch + 1 > start else 0.0
+            update_ema(self.ema, state.model, decay)
+        elif event == Event.EVAL_START:
+            self._training_weights = copy_weights(state.model)
+            state.model.load_state_dict(self.ema)
+        else:
+            state.model.load_state_dict(self._training_weights)
+            self._training_weights = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema = {name: value.clone() for name, value in state["ema"].items()}
+
+    def __repr__(self) -> str:
+        return (
+            f"EMA(half_life={self.half_life!r}, decay={self.decay!r}, start={self.start!r}, "
+            f"evaluate_with_ema={self.evaluate_with_ema!r})"
+        )

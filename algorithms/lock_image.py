@@ -1,0 +1,76 @@
+"""Image tower locking: freeze the image tower except its last ``unlocked_groups`` layer groups
+(LiT, Zhai et al. 2022, https://arxiv.org/abs/2111.07991; OpenCLIP's ``--lock-image*``).
+
+Groups follow OpenCLIP: the trunk's own grouping (timm's ``group_matcher``: stem, then each block or
+stage; the final norm joins the last block), then the projection / pooling head as the last group.
+``unlocked_groups: 0`` freezes the whole tower; ``freeze_bn_stats`` also stops BatchNorm statistics
+from updating in frozen groups (ResNet towers). Runs once, on ``INIT``, before the optimizer is built.
+"""
+
+from __future__ import annotations
+
+from timm.models import group_modules, group_parameters
+from timm.utils import freeze
+from torch import nn
+
+from cadenza.engine.algorithm import Algorithm
+from cadenza.engine.errors import ConfigError
+from cadenza.engine.event import Event
+from cadenza.engine.logger import Logger
+from cadenza.engine.registry import ALGORITHMS
+from cadenza.engine.state import State
+
+
+def image_tower_groups(visual: nn.Module) -> list[list[str]]:
+    """Parameter names of ``visual`` in lockable groups, first to last."""
+    trunk = visual.trunk
+    matcher = trunk.group_matcher()
+    by_id = group_parameters(trunk, matcher)
+    groups = [[f"trunk.{name}" for name in by_id[i]] for i in sorted(by_id)]
+    grouped = {name for group in groups for name in group}
+    head = [name for name, _ in visual.named_parameters() if name not in grouped]
+    return groups + ([head] if head else [])
+
+
+def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+    """Freeze ``model.visual`` except its last ``unlocked_groups`` groups."""
+    visual = model.visual
+    groups = image_tower_groups(visual)
+    if unlocked_groups > len(groups):
+        raise ConfigError(
+            "algorithms.lock_image.unlocked_groups",
+            f"the image tower has {len(groups)} groups; {unlocked_groups} cannot be left unlocked.",
+        )
+    locked = groups[: len(groups) - unlocked_groups]
+    params = dict(visual.named_parameters())
+    for name in (n for group in locked for n in group):
+        params[name].requires_grad_(False)
+    if freeze_bn_stats and locked:
+        trunk = visual.trunk
+        modules = group_modules(trunk, trunk.group_matcher(), reverse=True)  # module name -> group id
+        ids = sorted(set(modules.values()))
+        frozen = set(ids[: min(len(locked), len(ids))])
+        # timm's freeze also swaps BatchNorm2d for FrozenBatchNorm2d: running statistics stop updating
+        freeze(trunk, [name for name, group in modules.items() if group in frozen], include_bn_running_stats=True)
+
+
+@ALGORITHMS.register("lock_image")
+class LockImage(Algorithm):
+    """Freeze the image tower except its last groups.
+
+    Args:
+        unlocked_groups: groups left trainable, counted from the end (0: the whole tower is frozen).
+        freeze_bn_stats: also freeze BatchNorm running statistics in the frozen groups.
+    """
+
+    def __init__(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        if unlocked_groups < 0:
+            raise ValueError("unlocked_groups must be 0 or more")
+        self.unlocked_groups = unlocked_groups
+        self.freeze_bn_stats = freeze_bn_stats
+
+    def match(self, event: Event, state: State) -> bool:
+        return event == Event.INIT
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        lock_image_tower(state.model, self.unlocked_groups, self.freeze_bn_stats)
