@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -22,13 +23,44 @@ class DistInfo:
         return self.rank == 0
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu-[03-05,09],cpu1`` → ``gpu-03``."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if match is None:
+        raise ValueError(f"cannot read the SLURM node list {nodelist!r}")
+    prefix, ranges = match.groups()
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def setup_slurm_env(env: dict[str, str] | None = None) -> None:
+    """Under ``srun`` (one task per GPU), fill the variables ``torch.distributed.run`` would set.
+
+    Rank, world size and local rank come from ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID``;
+    the master address from ``MASTER_ADDR`` or else the first host of ``SLURM_JOB_NODELIST`` (as
+    OpenCLIP's SLURM scripts do); the port from ``MASTER_PORT`` or 29500. No-op outside SLURM or
+    when a launcher already set ``WORLD_SIZE``.
+    """
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    env["LOCAL_WORLD_SIZE"] = tasks_per_node or str(max(int(env["SLURM_NTASKS"]) // max(nodes, 1), 1))
+    if "MASTER_ADDR" not in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        env["MASTER_ADDR"] = first_host(nodelist) if nodelist else "127.0.0.1"
+    env.setdefault("MASTER_PORT", "29500")
+
+
 def dist_info_from_env() -> DistInfo:
     """Read rank, world size and local rank from ``torch.distributed.run`` or SLURM variables."""
+    setup_slurm_env()
     env = os.environ
     if "WORLD_SIZE" in env:
         return DistInfo(int(env.get("RANK", 0)), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
-        return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
     return DistInfo()
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cadenza.engine.dist import DistInfo
+from cadenza.engine.dist import DistInfo, all_gather_object
 from cadenza.engine.time import Timestamp
 
 
@@ -73,7 +73,7 @@ class State:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "timestamp": self.timestamp.state_dict(),
-            "rng": get_rng_state(),
+            "rng": all_gather_object(get_rng_state()),  # one entry per rank
             "dataloader": self.train_loader.state_dict() if self.train_loader is not None else None,
             "algorithms": {type(a).__name__: a.state_dict() for a in self.algorithms},
             "callbacks": {type(c).__name__: c.state_dict() for c in self.callbacks},
@@ -93,7 +93,10 @@ class State:
             for obj in objects:
                 if type(obj).__name__ in saved:
                     obj.load_state_dict(saved[type(obj).__name__])
-        set_rng_state(state["rng"])
+        rng = state["rng"]
+        # Each rank continues its own random streams; on a different number of processes, ranks reuse
+        # the saved ones in turn (data order does not depend on these: it is seeded per epoch).
+        set_rng_state(rng[self.dist.rank % len(rng)] if isinstance(rng, list) else rng)
 
 
 def get_rng_state() -> dict[str, Any]:

@@ -482,6 +482,11 @@ LOSSES: dict[str, type[nn.Module]] = {
 }
 """Registry of losses by config name."""
 
+#: architecture fields a loss needs at model initialisation (OpenCLIP's SigLIP configs set these)
+LOSS_MODEL_INIT: dict[str, dict[str, float]] = {
+    "siglip": {"init_logit_scale": SIGLIP_LOGIT_SCALE_INIT, "init_logit_bias": SIGLIP_LOGIT_BIAS_INIT},
+}
+
 
 def build_loss(name: str, **kwargs: Any) -> nn.Module:
     """Builds a loss by its registry name.

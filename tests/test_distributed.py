@@ -1,0 +1,167 @@
+"""Multi-process training on CPU with gloo: 2 processes under torch.distributed.run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cadenza.engine.dist import first_host, setup_slurm_env
+
+from .conftest import ROOT, TINY
+
+WORKER = ROOT / "tests" / "dist_worker.py"
+COMMON = ("data.val=null", "optim.grad_clip_norm=null", "optim.warmup=0ba", "data.train.num_samples=128")
+
+
+def torchrun(nproc: int, mode: str, out: Path, *overrides: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(WORKER),
+        mode,
+        str(out),
+        f"run.logs={out / 'logs'}",
+        *overrides,
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "loss", [("loss.name=clip", "loss.local_loss=true", "loss.gather_with_grad=true"), ("loss.name=siglip",)]
+)
+def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, loss):
+    torchrun(2, "grads", tmp_path / "two", *COMMON, *loss, "data.batch_size=8")
+    torchrun(1, "grads", tmp_path / "one", *COMMON, *loss, "data.batch_size=16")
+    two, one = (torch.load(tmp_path / n / "grads.pt", weights_only=True) for n in ("two", "one"))
+    # rank 0's loss is its local rows' loss; averaged over ranks it is the global one, checked through the gradients
+    assert two["grads"].keys() == one["grads"].keys()
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_composer_n_2_trains_the_tiny_config(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cadenza.engine.cli",
+            "-n",
+            "2",
+            str(TINY),
+            f"run.logs={tmp_path}",
+            "run.duration=4ba",
+            "run.log_interval=2ba",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train] == [2, 4]
+    assert train[0]["train/samples_per_second"] == pytest.approx(2 * train[0]["train/samples_per_second_per_gpu"])
+    assert (tmp_path / "tiny" / "checkpoints" / "ep0-ba4.pt").is_file()
+    assert any("val/image_to_text_R@1" in r for r in rows)
+
+
+def test_killing_one_rank_ends_the_job(tmp_path):
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cadenza.engine.cli",
+            "-n",
+            "2",
+            str(TINY),
+            f"run.logs={tmp_path}",
+            "run.duration=100000ba",
+            "data.val=null",
+            "run.log_interval=1ba",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    metrics = tmp_path / "tiny" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and process.poll() is None, "training did not start"
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-f", "cadenza.engine.cli " + str(TINY)], capture_output=True, text=True)
+    pids = [int(p) for p in workers.stdout.split() if int(p) != process.pid]
+    assert len(pids) >= 2, workers.stdout
+    os.kill(max(pids), signal.SIGKILL)  # one worker dies
+    killed_at = time.monotonic()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the job did not end within 60 s of a rank dying")
+    assert process.returncode != 0
+    assert time.monotonic() - killed_at < 60
+    assert "training failed" in process.stdout.read()
+
+
+@pytest.mark.parametrize(("first", "second"), [(1, 2), (2, 1)])
+def test_resume_on_another_number_of_processes(tmp_path, first, second):
+    """Same global batch (16): 1 x 16 or 2 x 8. Step count and learning rate continue where they were."""
+    common = (*COMMON, "run.name=job", "optim.scheduler=cosine", "optim.warmup=2ba", "checkpoint.save_interval=3ba")
+    batch = {1: "data.batch_size=16", 2: "data.batch_size=8"}
+    logs = f"run.logs={tmp_path / 'shared'}"
+    torchrun(first, "fit", tmp_path / "a", *common, batch[first], "run.duration=3ba", logs)
+    torchrun(
+        second, "fit", tmp_path / "b", *common, batch[second], "run.duration=6ba", "checkpoint.resume=latest", logs
+    )
+    torchrun(1, "fit", tmp_path / "ref", *common, batch[1], "run.duration=6ba", f"run.logs={tmp_path / 'ref'}")
+    resumed, reference = (torch.load(tmp_path / n / "fit.pt", weights_only=True) for n in ("b", "ref"))
+    assert resumed["batch"] == reference["batch"] == 6
+    assert resumed["lr"] == pytest.approx(reference["lr"])
+    # The same samples in the same steps: the weights agree up to float reduction order (which Adam amplifies
+    # for near-zero gradients), far closer than a run that saw other samples would.
+    for name, value in reference["weights"].items():
+        torch.testing.assert_close(resumed["weights"][name], value, rtol=1e-2, atol=2e-3)
+
+
+def test_distributed_evaluation_equals_single_process(tmp_path):
+    overrides = ("data.train=null", "data.val.num_samples=50", "data.batch_size=8")  # 50: uneven over 2 ranks
+    for nproc in (1, 2):
+        torchrun(nproc, "fit", tmp_path / str(nproc), *overrides, f"run.logs={tmp_path / str(nproc)}")
+    rows = [json.loads((tmp_path / str(n) / "tiny" / "metrics.jsonl").read_text().splitlines()[-1]) for n in (1, 2)]
+    assert rows[0]["val/num_samples"] == rows[1]["val/num_samples"] == 50
+    for key, value in rows[0].items():
+        assert rows[1][key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_slurm_environment():
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS_PER_NODE": "4",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "gpu-[03-04]",
+    }
+    setup_slurm_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("5", "8", "1", "4")
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("gpu-03", "29500")
+    assert first_host("node17,node18") == "node17" and first_host("a[1,3-5]") == "a1"
+    launched = {"WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "8"}
+    setup_slurm_env(launched)
+    assert "RANK" not in launched  # torch.distributed.run already set the world: SLURM is not consulted
