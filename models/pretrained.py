@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -220,34 +219,26 @@ def cache_root() -> Path:
 
 def download_s3(uri: str) -> Path:
     """Download ``s3://bucket/key`` into the cache (once: a cached file of the same size is reused)."""
-    import boto3
-    from botocore.exceptions import BotoCoreError, ClientError
+    from cadenza.engine.object_store import ObjectStoreError, S3Store, split_s3_uri
 
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    if not bucket or not key or key.endswith("/"):
-        raise ConfigError(KEY, f"'{uri}' is not an object URI; write s3://bucket/path/to/checkpoint.pt.")
-    target = cache_root() / "s3" / bucket / key
-    endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
-    client = boto3.client("s3", endpoint_url=endpoint)
     try:
-        size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+        bucket, key = split_s3_uri(uri)
+    except ValueError as error:
+        raise ConfigError(KEY, f"{error}; write s3://bucket/path/to/checkpoint.pt.") from error
+    target = cache_root() / "s3" / bucket / key
+    try:
+        store = S3Store(f"s3://{bucket}")  # the endpoint comes from S3_ENDPOINT_URL / AWS_ENDPOINT_URL
+        size = store.list(key).get(key)
+        if size is None:
+            raise ConfigError(KEY, f"'{uri}' does not exist. Check the bucket and key (aws s3 ls {uri}).")
         if target.is_file() and target.stat().st_size == size:
             log.info("using cached %s for %s", target, uri)
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        os.close(fd)
-        try:
-            log.info("downloading %s (%.1f MB) to %s", uri, size / 1e6, target)
-            client.download_file(bucket, key, tmp)
-            os.replace(tmp, target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    except (BotoCoreError, ClientError) as error:
+        log.info("downloading %s (%.1f MB) to %s", uri, size / 1e6, target)
+        store.download(key, target)  # to a temporary name, then renamed
+    except ObjectStoreError as error:
         raise ConfigError(
-            KEY,
-            f"cannot download '{uri}' ({error}). Check the URI, the credentials and S3_ENDPOINT_URL, "
-            "or pass a local file.",
+            KEY, f"cannot download '{uri}' ({error}). Check the credentials and S3_ENDPOINT_URL, or pass a local file."
         ) from error
     return target
 
