@@ -36,6 +36,12 @@ from cadenza.models.vision import TimmImageTower
 
 StateDict = dict[str, torch.Tensor]
 
+#: Cadenza architectures that are OpenCLIP 3.3.0 built-ins of the same name and sizes (tests check it)
+OPENCLIP_NAMES = frozenset(
+    {"ViT-B-32", "ViT-B-16", "ViT-L-14", "RN50", "RN101", "convnext_base"}
+    | {"ViT-B-32-quickgelu", "ViT-B-16-quickgelu", "ViT-L-14-quickgelu", "RN50-quickgelu", "RN101-quickgelu"}
+)
+
 #: keys of OpenAI / old OpenCLIP checkpoints that hold no weights
 _NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 _SHARED = ("logit_scale", "logit_bias")

@@ -1,0 +1,89 @@
+"""``composer export CHECKPOINT --format openclip OUT`` end to end: train, export, load in open_clip, compare."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cadenza.engine.cli import main as composer
+from cadenza.engine.config import load_config, to_yaml
+from cadenza.engine.trainer import Trainer
+from cadenza.models import create_model, get_tokenizer
+
+from .conftest import TINY
+
+open_clip = pytest.importorskip("open_clip")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """tiny-vit trained 2 steps by the Trainer: (its model, its checkpoint)."""
+    logs = tmp_path_factory.mktemp("logs")
+    cfg = load_config(
+        TINY,
+        [f"run.logs={logs}", "run.name=export", "run.duration=2ba", "checkpoint.save_interval=2ba", "data.val=null"],
+    )
+    state = Trainer(cfg).fit()
+    return state.model.eval(), logs / "export" / "checkpoints" / "ep0-ba2.pt"
+
+
+@torch.no_grad()
+def assert_same_embeddings(cadenza_model, openclip_model) -> None:
+    torch.manual_seed(0)
+    size = cadenza_model.image_size
+    images = torch.randn(2, 3, size, size)
+    tokens = get_tokenizer(context_length=cadenza_model.context_length)(["a diagram", "a dog"])
+    openclip_model.eval()
+    torch.testing.assert_close(
+        openclip_model.encode_image(images), cadenza_model.encode_image(images), rtol=1e-4, atol=1e-5
+    )
+    torch.testing.assert_close(
+        openclip_model.encode_text(tokens), cadenza_model.encode_text(tokens), rtol=1e-4, atol=1e-5
+    )
+    torch.testing.assert_close(openclip_model.logit_scale, cadenza_model.logit_scale)
+
+
+def test_export_to_a_folder_loads_in_open_clip(trained, tmp_path):
+    model, checkpoint = trained
+    out = tmp_path / "tiny-vit-openclip"
+    assert composer(["export", str(checkpoint), "--format", "openclip", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    config = json.loads((out / "open_clip_config.json").read_text())
+    assert config["preprocess_cfg"]["mean"] == list(model.image_mean)
+    assert_same_embeddings(model, open_clip.create_model(f"local-dir:{out}"))  # strict: no missing/unexpected keys
+
+
+def test_export_to_a_file_loads_by_name(trained, tmp_path):
+    """``open_clip.create_model(name, pretrained=OUT)``: tiny-vit becomes a name once its config is registered."""
+    model, checkpoint = trained
+    assert composer(["export", str(checkpoint), "--format", "openclip", str(tmp_path / "folder")]) == 0
+    model_cfg = json.loads((tmp_path / "folder" / "open_clip_config.json").read_text())["model_cfg"]
+    (tmp_path / "tiny-vit.json").write_text(json.dumps(model_cfg))
+    open_clip.add_model_config(tmp_path / "tiny-vit.json")
+    for out in (tmp_path / "tiny.pt", tmp_path / "tiny.safetensors"):
+        assert composer(["export", str(checkpoint), "--format", "openclip", str(out)]) == 0
+        assert_same_embeddings(model, open_clip.create_model("tiny-vit", pretrained=str(out)))
+
+
+def test_export_of_an_openclip_architecture(tmp_path):
+    """A checkpoint of an OpenCLIP architecture (RN50: BatchNorm statistics and an attention pool) loads into
+    ``open_clip.create_model("RN50", pretrained=OUT)``; the checkpoint holds what the Trainer stores."""
+    torch.manual_seed(0)
+    model = create_model("RN50").eval()
+    cfg = load_config(TINY, ["model.name=RN50"])
+    torch.save({"state_dict": model.state_dict(), "config": to_yaml(cfg)}, tmp_path / "rn50.pt")
+    out = tmp_path / "rn50-openclip.bin"
+    assert composer(["export", str(tmp_path / "rn50.pt"), "--format", "openclip", str(out)]) == 0
+    assert_same_embeddings(model, open_clip.create_model("RN50", pretrained=str(out)))
+
+
+def test_export_errors(tmp_path, capsys):
+    assert composer(["export", str(tmp_path / "missing.pt"), "--format", "openclip", str(tmp_path / "o.pt")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    torch.save({"weights": {}}, tmp_path / "foreign.pt")
+    assert composer(["export", str(tmp_path / "foreign.pt"), "--format", "openclip", str(tmp_path / "o.pt")]) == 1
+    assert "not a Cadenza training checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        composer(["export", str(tmp_path / "foreign.pt"), "--format", "onnx", str(tmp_path / "o.pt")])
