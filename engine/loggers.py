@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,3 +107,117 @@ class JsonlLogger(LoggerDestination):
 
 def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
+
+
+@LOGGERS.register("tensorboard")
+class TensorBoardLogger(LoggerDestination):
+    """Scalars in ``<run folder>/<log_dir>`` for TensorBoard (``tensorboard --logdir logs``).
+
+    Args:
+        log_dir: relative to the run folder.
+        flush_secs: how often the event file is flushed.
+    """
+
+    def __init__(self, run_dir: Path, log_dir: str = "tensorboard", flush_secs: int = 30) -> None:
+        self.path = Path(run_dir) / log_dir
+        self.flush_secs = flush_secs
+        self._writer = None
+        self._params: dict[str, Any] | None = None
+
+    def _open(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.path), flush_secs=self.flush_secs)
+            if self._params is not None:
+                self._writer.add_text("config", "```\n" + json.dumps(self._params, indent=2, default=str) + "\n```")
+        return self._writer
+
+    def log_hyperparameters(self, params: dict[str, Any]) -> None:
+        self._params = params
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        writer = self._open()
+        for name, value in metrics.items():
+            writer.add_scalar(name, _plain(value), step)
+
+    def close(self, state: State, logger: Logger) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+@LOGGERS.register("wandb")
+class WandBLogger(LoggerDestination):
+    """Weights & Biases. A resumed run continues the same W&B run (its id is saved in checkpoints).
+
+    Offline mode (``WANDB_MODE=offline`` or ``mode: offline``) writes under ``<run folder>/wandb`` for
+    a later ``wandb sync``. Credentials come from W&B's own login; they are never logged or saved.
+
+    Args:
+        project, entity, name, notes, tags: the W&B run's fields (``name`` defaults to ``run.name``).
+        mode: ``online``, ``offline`` or ``disabled``; default W&B's (``WANDB_MODE``).
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        project: str = "cadenza",
+        entity: str | None = None,
+        name: str | None = None,
+        notes: str | None = None,
+        tags: list[str] | None = None,
+        mode: str | None = None,
+    ) -> None:
+        if mode not in (None, "online", "offline", "disabled"):
+            raise ValueError(f"mode must be online, offline or disabled, got {mode!r}")
+        self.run_dir = Path(run_dir)
+        self.project, self.entity, self.name, self.notes = project, entity, name, notes
+        self.tags = list(tags or [])
+        self.mode = mode
+        self.run_id: str | None = None
+        self._run = None
+        self._params: dict[str, Any] = {}
+
+    def log_hyperparameters(self, params: dict[str, Any]) -> None:
+        self._params = params
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if state.dist.is_main:
+            self._start()
+
+    def _start(self) -> None:
+        if self._run is not None:
+            return
+        import wandb
+
+        self.run_id = self.run_id or secrets.token_hex(4)  # W&B ids are lowercase letters and digits
+        self._run = wandb.init(
+            project=self.project,
+            entity=self.entity,
+            name=self.name or self.run_dir.name,
+            notes=self.notes,
+            tags=self.tags,
+            config=self._params,
+            dir=str(self.run_dir),
+            id=self.run_id,
+            resume="allow",
+            mode=self.mode,
+            reinit="finish_previous",
+        )
+        log.info("W&B run %s (%s)", self.run_id, getattr(self._run, "url", None) or "offline")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._start()
+        self._run.log({k: _plain(v) for k, v in metrics.items()}, step=step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = state.get("run_id") or self.run_id
+
+    def close(self, state: State, logger: Logger) -> None:
+        if self._run is not None:
+            self._run.finish()
+            self._run = None

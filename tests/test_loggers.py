@@ -1,0 +1,82 @@
+"""TensorBoard and W&B (offline) destinations, read back from the files they wrote."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cadenza.engine.trainer import Trainer
+
+
+def test_tensorboard_event_files_hold_the_metrics(tiny):
+    trainer = Trainer(tiny("run.log_interval=4ba", "loggers.tensorboard={}"))
+    trainer.fit()
+    events = EventAccumulator(str(trainer.run_dir / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("train/loss", "train/lr", "train/logit_scale", "train/samples_per_second", "val/clip_val_loss"):
+        assert tag in tags
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [4, 8, 12, 16]
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in loss] == pytest.approx([r["train/loss"] for r in rows if "train/loss" in r])
+
+
+def _wandb_records(path):
+    """Records of a W&B run file: LevelDB-style log blocks after a 7-byte ':W&B' header."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 1:  # full
+            yield chunk
+        elif kind == 2:  # first
+            pending = chunk
+        elif kind == 3:  # middle
+            pending += chunk
+        elif kind == 4:  # last
+            yield pending + chunk
+
+
+def _wandb_history(run_dir):
+    from wandb.proto import wandb_internal_pb2
+
+    files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert files, "no offline W&B run was written"
+    history, run_ids = [], set()
+    for path in files:
+        for data in _wandb_records(path):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+            elif kind == "run":
+                run_ids.add(record.run.run_id)
+    return history, run_ids
+
+
+def test_wandb_offline_run_holds_the_metrics_and_a_resume_continues_it(tiny, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    common = ("run.log_interval=2ba", "data.val=null", "loggers.wandb={project: cadenza-tests, tags: [tiny]}")
+    first = Trainer(tiny(*common, "run.duration=4ba"))
+    first.fit()
+    run_id = next(c for c in first.state.callbacks if type(c).__name__ == "WandBLogger").run_id
+    resumed = Trainer(tiny(*common, "run.duration=8ba", "checkpoint.resume=latest"))
+    resumed.fit()
+    assert next(c for c in resumed.state.callbacks if type(c).__name__ == "WandBLogger").run_id == run_id
+    history, run_ids = _wandb_history(first.run_dir)
+    assert run_ids == {run_id}
+    steps = [row["_step"] for row in history if "train/loss" in row]
+    assert steps == [2, 4, 6, 8]
+    assert all("train/lr" in row for row in history if "train/loss" in row)
