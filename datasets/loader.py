@@ -5,6 +5,11 @@ The order of epoch ``e`` is a permutation seeded by ``(seed, e)``; global batch 
 ``order[k*W*B : (k+1)*W*B]`` and rank ``r`` takes its ``r``-th slice of ``B``. The loader's state is
 ``(epoch, samples consumed in the epoch by all ranks)``, so a run resumed with another number of
 processes (or workers) continues with exactly the samples it had not seen.
+
+A dataset that sets ``epoch_keys = True`` is indexed with ``(epoch, index)`` pairs, so it can seed each
+sample's augmentation from ``(seed, epoch, index)`` (see ``samples.py``). A dataset whose ``collate_fn``
+returns ``SampleBatch`` reports skipped samples through it; the loader strips them, yields ``(images,
+tokens)`` and counts them in ``skipped``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cadenza.datasets.context import LoaderContext
+from cadenza.datasets.samples import SampleBatch, SkipCounter
 from cadenza.engine.dist import DistInfo
 
 
@@ -27,15 +33,28 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> torch
 
 
 class ResumableSampler(Sampler[int]):
-    """This rank's indices for one epoch, starting after ``start`` globally consumed samples."""
+    """This rank's indices for one epoch, starting after ``start`` globally consumed samples.
 
-    def __init__(self, num_samples: int, batch_size: int, dist: DistInfo, seed: int, shuffle: bool, drop_last: bool):
+    With ``epoch_keys`` it yields ``(epoch, index)`` pairs instead of indices.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        dist: DistInfo,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        epoch_keys: bool = False,
+    ):
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.dist = dist
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.epoch_keys = epoch_keys
         self.epoch = 0
         self.start = 0
 
@@ -53,7 +72,8 @@ class ResumableSampler(Sampler[int]):
         end = self.batches_per_epoch() * self.global_batch if self.drop_last else self.num_samples
         for first in range(self.start, end, self.global_batch):
             chunk = order[first : min(first + self.global_batch, end)]
-            yield from chunk[self.dist.rank * self.batch_size : (self.dist.rank + 1) * self.batch_size].tolist()
+            mine = chunk[self.dist.rank * self.batch_size : (self.dist.rank + 1) * self.batch_size].tolist()
+            yield from ((self.epoch, index) for index in mine) if self.epoch_keys else mine
 
     def __len__(self) -> int:
         end = self.batches_per_epoch() * self.global_batch if self.drop_last else self.num_samples
@@ -76,7 +96,13 @@ class ResumableLoader:
         self.dataset = dataset
         self.batch_size = context.batch_size
         self.sampler = ResumableSampler(
-            len(dataset), context.batch_size, context.dist, context.seed, shuffle=context.train, drop_last=context.train
+            len(dataset),
+            context.batch_size,
+            context.dist,
+            context.seed,
+            shuffle=context.train,
+            drop_last=context.train,
+            epoch_keys=getattr(dataset, "epoch_keys", False),
         )
         if self.sampler.batches_per_epoch() == 0:
             raise ValueError(
@@ -94,9 +120,16 @@ class ResumableLoader:
             pin_memory=context.pin_memory,
             drop_last=False,
             collate_fn=getattr(dataset, "collate_fn", None),
+            generator=torch.Generator().manual_seed(context.seed),  # worker seeds never draw from the training RNG
             **worker_args,
         )
         self._consumed_batches = 0
+        self._skips = SkipCounter(str(getattr(dataset, "source", type(dataset).__name__)))
+
+    @property
+    def skipped(self) -> int:
+        """Samples this process skipped (and replaced) since the loader was built."""
+        return self._skips.skipped
 
     @property
     def batches_per_epoch(self) -> int:
@@ -117,6 +150,9 @@ class ResumableLoader:
         """Yield the rest of the current epoch (all of it after ``set_epoch``)."""
         for batch in self.loader:
             self._consumed_batches += 1
+            if isinstance(batch, SampleBatch):
+                self._skips.add(batch.skipped)
+                batch = (batch.images, batch.tokens)
             yield batch
 
     def state_dict(self) -> dict[str, int]:

@@ -103,6 +103,8 @@ def decode_image(data: bytes | None):
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # decode now: a truncated file fails here, not inside the transform
+    except Image.UnidentifiedImageError:
+        raise SampleError("undecodable image (not a format PIL recognizes)") from None
     except Exception as error:  # noqa: BLE001 - PIL raises many types for bad data
         raise SampleError(f"undecodable image ({type(error).__name__}: {error})") from None
     return image

@@ -38,6 +38,7 @@ class TrainMetrics(Callback):
 
     def __init__(self, interval: int) -> None:
         self.interval = max(interval, 1)
+        self._skipped_before = 0  # data/skipped counted by the runs this one resumed
         self._reset()
 
     def _reset(self) -> None:
@@ -49,7 +50,24 @@ class TrainMetrics(Callback):
 
     def fit_start(self, state: State, logger: Logger) -> None:
         synchronize(state.device)
+        self._state = state
         self._reset()
+
+    def skipped(self, state: State) -> int | None:
+        """Samples skipped by every process since the job started (``None``: the loader does not count)."""
+        loader = state.train_loader
+        if not hasattr(loader, "skipped"):
+            return None
+        return self._skipped_before + dist.all_reduce_sum(loader.skipped, state.device)
+
+    def state_dict(self) -> dict[str, int]:
+        # Called on every process at the same step (checkpoint saving), so the sum over processes is safe here.
+        state = getattr(self, "_state", None)
+        total = self.skipped(state) if state is not None else None
+        return {"skipped": self._skipped_before if total is None else total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skipped_before = int(state.get("skipped", 0))
 
     def before_dataloader(self, state: State, logger: Logger) -> None:
         self._data_start = time.perf_counter()
@@ -84,6 +102,9 @@ class TrainMetrics(Callback):
                 "train/samples": state.timestamp.sample,
             }
         )
+        skipped = self.skipped(state)
+        if skipped is not None:
+            metrics["data/skipped"] = skipped
         logger.log_metrics(metrics, state.timestamp.batch)
         self._reset()
 

@@ -1,0 +1,173 @@
+"""The ``csv`` format (and ``synthetic``, the other map-style one): exact resume with any worker count, OpenCLIP's
+options, per-sample augmentation, and bad rows skipped and counted."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+import torch
+
+from cadenza.datasets import samples
+from cadenza.datasets.context import LoaderContext
+from cadenza.datasets.csv import CsvDataset
+from cadenza.datasets.samples import SampleError, read_image_file, substitutes
+from cadenza.datasets.transforms import image_transform
+from cadenza.engine import ConfigError, DataError
+from cadenza.engine.trainer import Trainer
+from cadenza.models.tokenizer import get_tokenizer
+
+from .data_helpers import RecordIds, check_exact_resume, image_bytes, metric_rows, write_csv
+
+
+def csv_args(path, *extra: str) -> tuple[str, ...]:
+    return ("data.train.type=csv", f"+data.train.path={path}", "data.train.num_samples=null", *extra)
+
+
+def context(**changes) -> LoaderContext:
+    args = dict(
+        train=True,
+        batch_size=8,
+        image_size=32,
+        context_length=77,
+        transform=image_transform(32, True),
+        tokenizer=get_tokenizer("tiny-vit"),
+    )
+    return LoaderContext(**{**args, **changes})
+
+
+def test_samples_doctests():
+    assert doctest.testmod(samples).failed == 0
+
+
+@pytest.mark.parametrize("workers", [(0, 0), (0, 2)], ids=["w0", "w0-then-w2"])
+def test_csv_resume_sees_the_same_samples_and_weights(tiny, tmp_path, workers):
+    path = write_csv(tmp_path / "data", 40)
+    ids = check_exact_resume(tiny, (*csv_args(path), "data.batch_size=8"), steps=7, split=3, workers=workers).ids
+    assert sorted(sum(ids[:5], [])) == list(range(40))  # epoch 0 (5 batches) shows every row once
+    assert ids[5:7] != ids[0:2]  # epoch 1 has its own order
+
+
+@pytest.mark.parametrize("workers", [(2, 0)], ids=["w2-then-w0"])
+def test_synthetic_resume_with_workers(tiny, workers):
+    check_exact_resume(tiny, ("data.train.num_samples=64", "data.batch_size=8"), steps=10, split=4, workers=workers)
+
+
+def test_csv_options_match_openclip(tiny, tmp_path):
+    """Comma separator, other column names, absolute paths, and the first num_samples rows only."""
+    path = write_csv(tmp_path / "data", 24, separator=",", img_key="image", caption_key="caption", absolute=True)
+    recorder = RecordIds()
+    args = csv_args(path, "+data.train.csv_separator=','", "+data.train.csv_img_key=image")
+    args += ("+data.train.csv_caption_key=caption", "data.train.num_samples=16")
+    Trainer(tiny(*args, "data.val=null", "data.batch_size=8", "run.duration=2ba"), callbacks=[recorder]).fit()
+    assert sorted(sum(recorder.ids, [])) == list(range(16))
+
+
+def test_csv_configuration_errors_name_the_key(tiny, tmp_path):
+    path = write_csv(tmp_path / "data", 8)
+    with pytest.raises(ConfigError, match=r"data\.train.*no column 'caption' \(csv_caption_key\)"):
+        Trainer(tiny(*csv_args(path, "+data.train.csv_caption_key=caption"), "data.val=null"))
+    with pytest.raises(ConfigError, match=r"data\.train.*does not exist"):
+        Trainer(tiny(*csv_args(tmp_path / "nope.csv"), "data.val=null"))
+    with pytest.raises(ConfigError, match=r"data\.train\.csv_img_keys.*Did you mean 'csv_img_key'"):
+        tiny(*csv_args(path, "+data.train.csv_img_keys=x"))
+
+
+def test_augmentation_is_seeded_per_sample_and_epoch(tmp_path):
+    """Sample i's crop depends on (seed, epoch, i) only, and the main process's RNG is left alone."""
+    path = write_csv(tmp_path / "data", 8)
+    transform = image_transform(32, True, scale=(0.2, 1.0))
+    dataset = CsvDataset(str(path), context(transform=transform))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b = dataset[(0, 3)].image, dataset[(0, 3)].image
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, dataset[(1, 3)].image)  # another epoch, another crop
+    other_seed = CsvDataset(str(path), context(transform=transform, seed=1))
+    assert not torch.equal(a, other_seed[(0, 3)].image)
+
+
+def write_bad_csv(folder):
+    """40 rows; rows 3 (bad JPEG bytes), 7 (missing file), 12 (empty caption), 20 (extra field) are bad."""
+    path = write_csv(folder, 40)
+    (folder / "images" / "00003.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (folder / "images" / "00007.jpg").unlink()
+    lines = path.read_text().splitlines()
+    lines[1 + 12] = "images/00012.jpg\t   "
+    lines[1 + 20] = "images/00020.jpg\tsample 20\tstray field"
+    path.write_text("\n".join(lines) + "\n")
+    return path, {3: "undecodable image", 7: "missing file", 12: "empty caption", 20: "malformed row at line 22"}
+
+
+def expected_skips(bad: set[int], num_rows: int) -> int:
+    """Skips for one pass over every row: each bad row, plus bad candidates tried before its substitute."""
+    total = 0
+    for row in bad:
+        for candidate in substitutes(row, num_rows):
+            if candidate not in bad:
+                break
+            total += 1
+    return total
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_bad_rows_are_replaced_counted_and_logged(tiny, tmp_path, workers):
+    path, bad = write_bad_csv(tmp_path / "data")
+    recorder = RecordIds()
+    overrides = (*csv_args(path), "data.val=null", "data.batch_size=8", f"data.workers={workers}")
+    trainer = Trainer(tiny(*overrides, "run.duration=10ba", "run.log_interval=5ba"), callbacks=[recorder])
+    trainer.fit()
+    assert all(len(ids) == 8 for ids in recorder.ids)  # batches stay full
+    seen = set(sum(recorder.ids, []))
+    assert not seen & set(bad)
+    per_epoch = expected_skips(set(bad), 40)
+    rows = metric_rows(trainer.run_dir, "data/skipped")
+    assert [(r["step"], r["data/skipped"]) for r in rows] == [(5, per_epoch), (10, 2 * per_epoch)]
+    log = (trainer.run_dir / "out.log").read_text()
+    for row, reason in bad.items():
+        assert f"row {row + 1}: {reason}" in log
+
+
+def test_skip_count_survives_resume(tiny, tmp_path):
+    path, bad = write_bad_csv(tmp_path / "data")
+    common = (*csv_args(path), "data.val=null", "data.batch_size=8", "run.log_interval=5ba", "run.name=job")
+    Trainer(tiny(*common, "run.duration=5ba")).fit()
+    trainer = Trainer(tiny(*common, "run.duration=10ba", "checkpoint.resume=latest"))
+    trainer.fit()
+    assert metric_rows(trainer.run_dir, "data/skipped")[-1]["data/skipped"] == 2 * expected_skips(set(bad), 40)
+
+
+def test_malformed_csv_rows(tmp_path):
+    """Short rows, long rows, empty paths and blank lines; the good rows all load."""
+    folder = tmp_path / "data"
+    path = write_csv(folder, 6)
+    lines = path.read_text().splitlines()
+    lines[2] = "images/00001.jpg"  # one field
+    lines[3] = "\tsample 2"  # empty path
+    lines.insert(5, "")  # a blank line is not a row
+    path.write_text("\n".join(lines) + "\n")
+    dataset = CsvDataset(str(path), context())
+    assert len(dataset) == 6
+    assert set(dataset.malformed) == {1, 2}
+    assert "1 fields, the header has 2" in dataset.malformed[1] and "empty image path" in dataset.malformed[2]
+    sample = dataset[1]
+    assert sample.skipped[0].startswith("row 2: malformed row at line 3")
+    assert dataset[4].skipped == ()
+
+
+def test_a_csv_where_nothing_decodes_fails_clearly(tiny, tmp_path):
+    path = write_csv(tmp_path / "data", 16)
+    for image in (tmp_path / "data" / "images").iterdir():
+        image.write_bytes(image_bytes(0)[:100])  # truncated JPEGs
+    trainer = Trainer(tiny(*csv_args(path), "data.val=null", "data.batch_size=8"))
+    with pytest.raises(DataError, match=rf"no sample of csv {path} can be used: 16 tried.*undecodable image"):
+        trainer.fit()
+
+
+def test_read_image_file_reasons(tmp_path):
+    with pytest.raises(SampleError, match="missing file"):
+        read_image_file(str(tmp_path / "none.jpg"))
+    (tmp_path / "cut.jpg").write_bytes(image_bytes(1)[:150])
+    with pytest.raises(SampleError, match="undecodable image"):
+        read_image_file(str(tmp_path / "cut.jpg"))

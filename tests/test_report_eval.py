@@ -1,0 +1,76 @@
+"""`composer report` (plots from metrics.jsonl) and `composer eval` (evaluation without training)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from cadenza.engine.report import read_series, write_report
+from cadenza.engine.trainer import Trainer
+
+from .conftest import ROOT, TINY
+
+
+def test_report_writes_plots_of_the_logged_series(tiny):
+    trainer = Trainer(tiny("run.log_interval=2ba"))
+    trainer.fit()
+    result = subprocess.run(
+        [sys.executable, "-m", "cadenza.engine.cli", "report", str(trainer.run_dir)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = trainer.run_dir / "report"
+    for name in ("losses", "learning_rate", "logit_scale", "throughput", "eval"):
+        image = Image.open(report / f"{name}.png")
+        image.verify()
+        pixels = np.asarray(Image.open(report / f"{name}.png").convert("L"))
+        assert pixels.std() > 5, f"{name}.png is blank"
+    summary = (report / "summary.md").read_text()
+    series = read_series(trainer.run_dir / "metrics.jsonl")
+    assert [step for step, _ in series["train/loss"]] == [2, 4, 6, 8, 10, 12, 14, 16]
+    last_loss = series["train/loss"][-1][1]
+    assert f"| `train/loss` | {last_loss:.6g} |" in summary and "![Evaluation](eval.png)" in summary
+    assert "model:" in summary  # the config
+
+
+def test_report_on_a_folder_without_metrics_fails_clearly(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "cadenza.engine.cli", "report", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "metrics.jsonl does not exist" in result.stderr
+
+
+def test_eval_only_from_a_checkpoint(tiny, tmp_path):
+    trainer = Trainer(tiny("run.duration=4ba"))
+    state = trainer.fit()
+    checkpoint = trainer.run_dir / "checkpoints" / "ep0-ba4.pt"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cadenza.engine.cli",
+            "eval",
+            str(TINY),
+            f"run.logs={tmp_path / 'eval'}",
+            f"checkpoint.resume={checkpoint}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    printed = dict(line.split(": ") for line in result.stdout.strip().splitlines())
+    assert float(printed["val/clip_val_loss"]) == float(f"{state.eval_metrics['val/clip_val_loss']:.6g}")
+    assert not (tmp_path / "eval" / "tiny" / "checkpoints").exists()  # nothing trained, nothing saved
+    write_report(tmp_path / "eval" / "tiny")  # an eval-only run folder reports too
