@@ -33,6 +33,8 @@ from cadenza.models.convert import (
     openclip_model_config,
     openclip_preprocess_config,
 )
+from cadenza.models.factory import create_model
+from cadenza.models.pretrained import tag_normalization
 
 log = logging.getLogger("cadenza")
 
@@ -48,11 +50,12 @@ def export_openclip(checkpoint: str | Path, out: str | Path) -> Path:
     Returns:
         The file or folder written.
     """
-    name, overrides, state_dict = read_checkpoint(checkpoint)
-    from cadenza.models.factory import create_model
-
+    name, overrides, pretrained, state_dict = read_checkpoint(checkpoint)
     with torch.device("meta"):  # no initialisation: every tensor comes from the checkpoint
         model = create_model(name, **overrides)
+    normalization = tag_normalization(name, pretrained)  # a run from e.g. laion2b_s32b_b82k keeps its mean/std
+    if normalization is not None:
+        model.image_mean, model.image_std = normalization
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as error:
@@ -80,8 +83,8 @@ def export_openclip(checkpoint: str | Path, out: str | Path) -> Path:
     return out
 
 
-def read_checkpoint(path: str | Path) -> tuple[str, dict[str, Any], StateDict]:
-    """A Cadenza checkpoint's architecture name, its ``model.overrides`` and its model weights."""
+def read_checkpoint(path: str | Path) -> tuple[str, dict[str, Any], str | None, StateDict]:
+    """A Cadenza checkpoint's architecture name, ``model.overrides``, ``model.pretrained`` and model weights."""
     from cadenza.engine.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(path)
@@ -93,8 +96,9 @@ def read_checkpoint(path: str | Path) -> tuple[str, dict[str, Any], StateDict]:
     config = OmegaConf.create(checkpoint["config"])
     name = OmegaConf.select(config, "model.name")
     overrides = OmegaConf.to_container(OmegaConf.select(config, "model.overrides") or OmegaConf.create({}))
+    pretrained = OmegaConf.select(config, "model.pretrained")
     state_dict = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
-    return name, overrides, state_dict
+    return name, overrides, pretrained, state_dict
 
 
 def _write_weights(weights: StateDict, path: Path) -> None:

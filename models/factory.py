@@ -29,6 +29,7 @@ from torch import nn
 from cadenza.engine.errors import ConfigError, suggest
 from cadenza.engine.registry import MODELS
 from cadenza.models.clip import CLIP
+from cadenza.models.pretrained import load_resolved, resolve_pretrained
 from cadenza.models.text import TextTransformer
 from cadenza.models.vision import TimmImageTower
 
@@ -112,8 +113,6 @@ def create_model(name: str, pretrained: str | None = None, **overrides: Any) -> 
             ``.safetensors``), an ``s3://`` URI, or an OpenCLIP tag such as ``laion2b_s34b_b79k``.
         overrides: architecture fields to change, e.g. ``embed_dim=64`` or ``text={"layers": 4}``.
     """
-    from cadenza.models.pretrained import load_resolved, resolve_pretrained
-
     arch = get_model_config(name, overrides)
     resolved = resolve_pretrained(pretrained, name) if pretrained else None  # a bad source fails before building
     model = build_model(arch)

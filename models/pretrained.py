@@ -31,6 +31,7 @@ from torch import nn
 
 from cadenza.engine.errors import ConfigError, suggest
 from cadenza.models.convert import StateDict, is_openclip_state_dict, openclip_to_cadenza
+from cadenza.models.text import QuickGELU
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,14 @@ def resolve_pretrained(source: str, name: str | None) -> tuple[Path, dict[str, A
 def pretrained_tags() -> dict[str, dict[str, dict[str, Any]]]:
     """``{architecture: {tag: {hf_hub, quick_gelu?, mean?, std?}}}`` from ``pretrained_tags.yaml``."""
     return OmegaConf.to_container(OmegaConf.load(TAGS_FILE))
+
+
+def tag_normalization(name: str | None, tag: str | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The image mean and std of OpenCLIP tag ``tag`` of ``name`` when they are not the architecture's."""
+    entry = pretrained_tags().get(name or "", {}).get(tag or "")
+    if entry is None or "mean" not in entry:
+        return None
+    return tuple(entry["mean"]), tuple(entry["std"])
 
 
 def list_pretrained_tags(name: str) -> list[str]:
@@ -194,10 +203,9 @@ def _load_into(model: nn.Module, state_dict: StateDict, source: str) -> None:
 
 def _apply_tag(model: nn.Module, tag: dict[str, Any], source: str, name: str | None) -> None:
     """Use the tag's image normalization; warn when its activation differs from the architecture's."""
-    if "mean" in tag:
-        model.image_mean, model.image_std = tuple(tag["mean"]), tuple(tag["std"])
-    from cadenza.models.text import QuickGELU
-
+    normalization = tag_normalization(name, source)
+    if normalization is not None:
+        model.image_mean, model.image_std = normalization
     model_quick_gelu = any(isinstance(m, QuickGELU) for m in model.modules())
     if tag.get("quick_gelu", False) != model_quick_gelu:
         other = f"{name}-quickgelu" if tag.get("quick_gelu") else (name or "").removesuffix("-quickgelu")

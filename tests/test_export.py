@@ -87,3 +87,18 @@ def test_export_errors(tmp_path, capsys):
     assert "not a Cadenza training checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         composer(["export", str(tmp_path / "foreign.pt"), "--format", "onnx", str(tmp_path / "o.pt")])
+
+
+def test_export_keeps_the_normalization_of_the_pretrained_tag(trained, tmp_path, monkeypatch):
+    """A run started from a tag with its own mean/std (ViT-L-14 laion2b_s32b_b82k: 0.5) exports that mean/std."""
+    from cadenza.models import pretrained
+
+    monkeypatch.setattr(
+        pretrained, "pretrained_tags", lambda: {"tiny-vit": {"halves": {"mean": [0.5] * 3, "std": [0.5] * 3}}}
+    )
+    model, _ = trained
+    cfg = load_config(TINY, ["model.pretrained=halves"])
+    torch.save({"state_dict": model.state_dict(), "config": to_yaml(cfg)}, tmp_path / "run.pt")
+    assert composer(["export", str(tmp_path / "run.pt"), "--format", "openclip", str(tmp_path / "out")]) == 0
+    preprocess = json.loads((tmp_path / "out" / "open_clip_config.json").read_text())["preprocess_cfg"]
+    assert preprocess["mean"] == preprocess["std"] == [0.5] * 3
