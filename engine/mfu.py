@@ -25,13 +25,31 @@ def flops_per_sample(model: nn.Module, precision: str = "fp32", batch: int = 2) 
     meta.update({n: torch.empty_like(b, device="meta") for n, b in model.named_buffers()})
     images = torch.zeros(batch, 3, model.image_size, model.image_size, device="meta")
     tokens = torch.zeros(batch, model.context_length, dtype=torch.long, device="meta")
+    # Model FLOPs, not hardware FLOPs: recomputation by activation checkpointing is not counted.
+    checkpointed = [m for m in model.modules() if getattr(m, "grad_checkpointing", False) is True]
+    for module in checkpointed:
+        module.grad_checkpointing = False
     counter = FlopCounterMode(display=False)
-    with counter, autocast_context(precision, torch.device("cpu")):
-        out = functional_call(model, meta, (images, tokens))
+    try:
+        with counter, autocast_context(precision, torch.device("cpu")):
+            # backward inside the call, so anything it recomputes also sees the meta parameters
+            functional_call(_ForwardBackward(model), {f"model.{k}": v for k, v in meta.items()}, (images, tokens))
+    finally:
+        for module in checkpointed:
+            module.grad_checkpointing = True
+    return counter.get_total_flops() / batch
+
+
+class _ForwardBackward(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> None:
+        out = self.model(images, tokens)
         loss = sum(v.float().sum() for k, v in out.items() if k.endswith("features"))
         if loss.requires_grad:
             loss.backward()
-    return counter.get_total_flops() / batch
 
 
 def matmul_dtype(precision: str) -> torch.dtype:

@@ -74,3 +74,19 @@ def test_eval_only_from_a_checkpoint(tiny, tmp_path):
     assert float(printed["val/clip_val_loss"]) == float(f"{state.eval_metrics['val/clip_val_loss']:.6g}")
     assert not (tmp_path / "eval" / "tiny" / "checkpoints").exists()  # nothing trained, nothing saved
     write_report(tmp_path / "eval" / "tiny")  # an eval-only run folder reports too
+
+
+def test_flops_per_sample_counts_model_flops():
+    from cadenza.engine.mfu import flops_per_sample
+    from cadenza.models import create_model
+
+    model = create_model("tiny-vit")
+    plain = flops_per_sample(model)
+    # the text tower's matmuls alone, by hand: 2 layers x (qkv 3D^2 + out D^2 + mlp 8D^2) x L tokens x 2 FLOPs,
+    # times 3 for forward + backward (input and weight gradients)
+    width, tokens = 64, model.context_length
+    text_linear = 2 * (12 * width * width) * tokens * 2 * 3
+    assert plain > text_linear
+    model.set_grad_checkpointing(True)
+    assert flops_per_sample(model) == plain  # recomputation is not model FLOPs
+    assert model.text.transformer.grad_checkpointing  # and the setting is restored

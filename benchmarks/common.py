@@ -1,0 +1,151 @@
+"""Shared pieces of the benchmarks: run OpenCLIP's trainer and Cadenza side by side, parse their
+throughput, describe the machine, write results (markdown + JSON) under benchmarks/results/."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+_OPENCLIP_RATE = re.compile(r"Batch \(t\): [\d.]+, ([\d.]+)/s,")
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on."""
+    info = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "cpu_cores": str(os.cpu_count()),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_openclip(
+    model: str, batch: int, precision: str, steps: int, workers: int, extra: list[str] = ()
+) -> list[float]:
+    """Per-step samples/s of ``open_clip_train.main`` on synthetic data (logged every step, so each is synchronized)."""
+    with tempfile.TemporaryDirectory() as logs:
+        command = [
+            sys.executable,
+            "-m",
+            "open_clip_train.main",
+            "--model",
+            model,
+            "--dataset-type",
+            "synthetic",
+            "--train-num-samples",
+            str(batch * steps),
+            "--batch-size",
+            str(batch),
+            "--precision",
+            precision,
+            "--epochs",
+            "1",
+            "--workers",
+            str(workers),
+            "--log-every-n-steps",
+            "1",
+            "--logs",
+            logs,
+            "--name",
+            "bench",
+            "--report-to",
+            "",
+            "--warmup",
+            "1",
+            "--save-frequency",
+            "0",
+            *extra,
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=logs, timeout=3600)
+        output = result.stdout + result.stderr
+        if result.returncode != 0:
+            raise RuntimeError(f"open_clip_train failed:\n{output[-3000:]}")
+        return [float(rate) for rate in _OPENCLIP_RATE.findall(output)]
+
+
+def run_cadenza(model: str, batch: int, precision: str, steps: int, workers: int, extra: list[str] = ()) -> list[float]:
+    """Per-step samples/s of ``composer`` on synthetic data (metrics every step, device synchronized)."""
+    with tempfile.TemporaryDirectory() as logs:
+        command = [
+            sys.executable,
+            "-m",
+            "cadenza.engine.cli",
+            str(ROOT / "yamls" / "tiny.yaml"),
+            f"model.name={model}",
+            f"data.batch_size={batch}",
+            f"run.precision={precision}",
+            f"run.duration={steps}ba",
+            f"data.train.num_samples={batch * steps}",
+            "data.val=null",
+            f"data.workers={workers}",
+            "run.device=auto",
+            "run.log_interval=1ba",
+            "optim.warmup=1ba",
+            f"run.logs={logs}",
+            "checkpoint.save_interval=100000ba",
+            "loggers.console=null",
+            "checkpoint.save_latest=false",
+            *extra,
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+        if result.returncode != 0:
+            raise RuntimeError(f"composer failed:\n{(result.stdout + result.stderr)[-3000:]}")
+        rows = [json.loads(line) for line in (Path(logs) / "tiny" / "metrics.jsonl").read_text().splitlines()]
+        return [row["train/samples_per_second"] for row in rows if "train/samples_per_second" in row]
+
+
+def steady(rates: list[float], warmup: int) -> float:
+    """Median rate after the first ``warmup`` steps (compilation, allocator and cache warm-up)."""
+    kept = rates[warmup:]
+    if not kept:
+        raise RuntimeError(f"only {len(rates)} steps were measured; need more than the {warmup} warm-up steps")
+    return statistics.median(kept)
+
+
+def write_results(
+    name: str, rows: list[dict], columns: list[str], notes: str = "", out_dir: Path | None = None
+) -> Path:
+    """``<name>.json`` and ``<name>.md`` (a table with the machine stated) in ``out_dir``."""
+    out_dir = out_dir or RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    (out_dir / f"{name}.json").write_text(json.dumps({"machine": info, "rows": rows, "notes": notes}, indent=2))
+    lines = [f"# {name}", "", " · ".join(f"{k}: {v}" for k, v in info.items()), ""]
+    if notes:
+        lines += [notes, ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")
+    path = out_dir / f"{name}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _cell(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,130 @@
+"""Peak memory and speed of one training configuration with and without the memory/speed algorithms:
+grad checkpointing, patch dropout, torch.compile.
+
+    python benchmarks/memory.py                 # CPU: ViT-B-32, fp32, batch 16 (peak RSS)
+    python benchmarks/memory.py --gpu           # GPU: ViT-B-16, amp_bf16, batch 256 (peak allocated)
+
+Each variant runs in its own process (clean peak). Results: benchmarks/results/memory_{cpu,gpu}.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {
+    "baseline": [],
+    "grad_checkpointing": ["algorithms.grad_checkpointing={}"],
+    "patch_dropout 0.5": ["algorithms.patch_dropout={prob: 0.5}"],
+    "torch_compile": ["algorithms.torch_compile={}"],
+}
+SETTINGS = {
+    "cpu": {"model": "ViT-B-32", "batch": 16, "precision": "fp32", "steps": 5, "warmup": 2, "workers": 1},
+    "gpu": {"model": "ViT-B-16", "batch": 256, "precision": "amp_bf16", "steps": 30, "warmup": 12, "workers": 8},
+}
+
+
+def worker(overrides: list[str]) -> None:
+    """Train with ``overrides``; print one JSON line with peak memory and median samples/s."""
+    import torch
+
+    from cadenza.engine.config import load_config
+    from cadenza.engine.trainer import Trainer
+
+    cfg = load_config(ROOT / "yamls" / "tiny.yaml", overrides)
+    trainer = Trainer(cfg)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["train/samples_per_second"] for r in rows if "train/samples_per_second" in r]
+    mfu = [r["train/mfu"] for r in rows if "train/mfu" in r]
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if torch.cuda.is_available()
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    print("RESULT " + json.dumps({"peak_bytes": peak, "rates": rates, "mfu": mfu}), flush=True)  # noqa: T201
+
+
+def run_variant(settings: dict, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as logs:
+        overrides = [
+            f"model.name={settings['model']}",
+            f"data.batch_size={settings['batch']}",
+            f"run.precision={settings['precision']}",
+            f"run.duration={settings['steps']}ba",
+            f"data.train.num_samples={settings['batch'] * settings['steps']}",
+            "data.val=null",
+            f"data.workers={settings['workers']}",
+            "run.device=auto",
+            "run.log_interval=1ba",
+            "optim.warmup=1ba",
+            f"run.logs={logs}",
+            "checkpoint.save_interval=100000ba",
+            "loggers.console=null",
+            *extra,
+        ]
+        result = subprocess.run(
+            [sys.executable, __file__, "--worker", *overrides], capture_output=True, text=True, timeout=3600
+        )
+        line = next((row for row in result.stdout.splitlines() if row.startswith("RESULT ")), None)
+        if result.returncode != 0 or line is None:
+            raise RuntimeError((result.stdout + result.stderr)[-3000:])
+        data = json.loads(line.removeprefix("RESULT "))
+        warm = settings["warmup"]
+        return {
+            "peak_gib": data["peak_bytes"] / 2**30,
+            "samples_per_second": statistics.median(data["rates"][warm:]),
+            "mfu": statistics.median(data["mfu"][warm:]),
+        }
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(sys.argv[2:])
+        return
+    from benchmarks.common import write_results
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    kind = "gpu" if args.gpu else "cpu"
+    settings = SETTINGS[kind]
+    rows, base = [], None
+    for name, extra in VARIANTS.items():
+        if kind == "cpu" and name == "torch_compile":
+            continue  # minutes of compilation on 2 cores; measured on the GPU
+        result = run_variant(settings, extra)
+        base = base or result
+        rows.append(
+            {
+                "variant": name,
+                **result,
+                "memory_vs_baseline": result["peak_gib"] / base["peak_gib"],
+                "speed_vs_baseline": result["samples_per_second"] / base["samples_per_second"],
+            }
+        )
+        print(f"{name:20s} peak {result['peak_gib']:.2f} GiB  {result['samples_per_second']:.1f}/s", flush=True)  # noqa: T201
+    what = "peak GPU memory allocated" if kind == "gpu" else "peak process RSS"
+    notes = (
+        f"{settings['model']}, {settings['precision']}, batch {settings['batch']}, synthetic data; {what}; "
+        f"samples/s = median after {settings['warmup']} warm-up steps"
+    )
+    columns = ["variant", "peak_gib", "memory_vs_baseline", "samples_per_second", "speed_vs_baseline", "mfu"]
+    path = write_results(f"memory_{kind}", rows, columns, notes=notes, out_dir=args.out)
+    print(path.read_text())  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
