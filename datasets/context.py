@@ -22,6 +22,8 @@ class LoaderContext:
         transform: PIL image → tensor (OpenCLIP's train or val transform for the model).
         tokenizer: captions → ``(N, context_length)`` token ids.
         workers, pin_memory, persistent_workers, prefetch_factor: ``data.*`` loader settings.
+        cache_dir: where a format that downloads keeps its local copy (``<run folder>/data-cache``);
+            ``None`` outside a trainer.
     """
 
     train: bool
@@ -37,3 +39,4 @@ class LoaderContext:
     pin_memory: bool = False
     persistent_workers: bool = False
     prefetch_factor: int = 2
+    cache_dir: str | None = None

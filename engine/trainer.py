@@ -166,6 +166,7 @@ class Trainer:
             pin_memory=data.pin_memory and torch.cuda.is_available(),
             persistent_workers=data.persistent_workers,
             prefetch_factor=data.prefetch_factor,
+            cache_dir=str(self.run_dir / "data-cache"),
         )
         runtime = {
             "image_size": model.image_size,

@@ -1,0 +1,146 @@
+"""The ``StreamingDataset`` behind ``data.*.type: streaming``: image–caption MDS shards → ``Sample``.
+
+Kept apart from ``streaming.py`` because importing ``streaming`` takes seconds (it imports transformers):
+the loader imports this module only when a streaming dataset is built.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from PIL import Image
+from streaming import StreamingDataset
+from streaming.base.format.mds.reader import MDSReader
+
+from cadenza.datasets.samples import (
+    Sample,
+    SampleError,
+    clean_caption,
+    decode_image,
+    nothing_decodes,
+    sample_seed,
+    substitutes,
+    transform_sample,
+)
+from cadenza.engine.errors import DataError
+
+#: MDS encodings of an image column that hold an encoded file (read back as its bytes, decoded here)
+ENCODED_IMAGE = ("jpeg", "png", "bytes")
+#: MDS encodings an image column may have
+IMAGE_ENCODINGS = (*ENCODED_IMAGE, "pil")
+
+
+def decode_image_at_least(data: bytes, min_size: int | None) -> Image.Image:
+    """``decode_image``, but a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both
+    sides at least ``min_size`` pixels: the same picture for a 224 px crop, several times faster for large
+    photos (see ``benchmarks/data_throughput.py``)."""
+    if min_size is None or data[:3] != b"\xff\xd8\xff":
+        return decode_image(data)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", (min_size, min_size))
+        image.load()
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for bad data
+        raise SampleError(f"undecodable image ({type(error).__name__}: {error})") from None
+    return image
+
+
+class MDSImageCaptions(StreamingDataset):
+    """``StreamingDataset`` of image–caption MDS shards whose items are ``Sample``s.
+
+    The image and caption columns are read as raw bytes and decoded here. A sample that does not decode
+    (corrupt image, empty or non-UTF-8 caption) is replaced by the first of its ``substitutes`` that does,
+    and the failures travel with the replacement (``Sample.skipped``): every batch stays full, so the
+    position in the epoch — and exact, elastic resume — is unaffected, and processes keep equal batch
+    sizes. Training augmentation is seeded by ``(seed, epoch, sample id)``.
+
+    Args:
+        image_key, caption_key: the columns.
+        transform: PIL image → tensor.
+        augment_seed: seeds augmentation per sample (training); ``None`` for a deterministic transform.
+        draft_size: decode JPEGs at a reduced scale no smaller than this (the model's image size).
+        source: names the data in messages.
+        kwargs: ``StreamingDataset``'s arguments.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_key: str,
+        caption_key: str,
+        transform: Callable[[Any], torch.Tensor],
+        augment_seed: int | None,
+        draft_size: int | None,
+        source: str,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.image_key, self.caption_key = image_key, caption_key
+        self.transform = transform
+        self.augment_seed, self.draft_size = augment_seed, draft_size
+        self.source = source
+        self.current_epoch = 0
+        self._read_columns_as_bytes()
+
+    def _read_columns_as_bytes(self) -> None:
+        """Check the columns of every shard; switch encoded images and captions to raw bytes."""
+        for shard in self.shards:
+            where = os.path.join(shard.dirname, shard.split or "", "index.json")
+            if not isinstance(shard, MDSReader):
+                raise DataError(f"{where}: a {type(shard).__name__} shard; 'streaming' reads MDS shards")
+            columns = dict(zip(shard.column_names, shard.column_encodings, strict=True))
+            for key, role, allowed in (
+                (self.image_key, "image_key", IMAGE_ENCODINGS),
+                (self.caption_key, "caption_key", ("str",)),
+            ):
+                if key not in columns:
+                    raise DataError(f"{where}: no column '{key}' ({role}); the shards have columns {sorted(columns)}")
+                if columns[key] not in allowed:
+                    raise DataError(
+                        f"{where}: column '{key}' ({role}) is encoded as '{columns[key]}', "
+                        f"expected one of {', '.join(allowed)}"
+                    )
+            encodings = list(shard.column_encodings)
+            for index, name in enumerate(shard.column_names):
+                if name == self.caption_key or (name == self.image_key and encodings[index] in ENCODED_IMAGE):
+                    encodings[index] = "bytes"
+            shard.column_encodings = encodings
+
+    def _resume_incr_epoch(self) -> tuple[int, int]:
+        epoch, sample_in_epoch = super()._resume_incr_epoch()
+        self.current_epoch = epoch  # this worker's epoch, for augmentation seeds
+        return epoch, sample_in_epoch
+
+    def get_item(self, sample_id: int, retry: int = 7) -> Sample:
+        """Sample ``sample_id`` decoded and transformed, or the first substitute that decodes."""
+        sample_id = int(sample_id)  # streaming passes NumPy integers
+        reasons: list[str] = []
+        for candidate in substitutes(sample_id, int(self.num_samples)):
+            try:
+                image, caption = self._decode(candidate, retry)
+            except SampleError as error:
+                reasons.append(f"sample {candidate}: {error}")
+                continue
+            if self.augment_seed is None:
+                pixels = self.transform(image)
+            else:
+                pixels = transform_sample(
+                    self.transform, image, sample_seed(self.augment_seed, self.current_epoch, sample_id)
+                )
+            return Sample(pixels, caption, tuple(reasons))
+        raise nothing_decodes(self.source, reasons)
+
+    def _decode(self, sample_id: int, retry: int) -> tuple[Image.Image, str]:
+        try:
+            sample = super().get_item(sample_id, retry)
+        except (ValueError, OSError) as error:  # a 'pil' column decodes inside streaming
+            raise SampleError(f"unreadable sample ({type(error).__name__}: {error})") from None
+        caption = clean_caption(sample[self.caption_key])
+        image = sample[self.image_key]
+        if not isinstance(image, Image.Image):
+            image = decode_image_at_least(image, self.draft_size)
+        return image, caption

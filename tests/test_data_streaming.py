@@ -1,0 +1,369 @@
+"""The ``streaming`` format and ``composer convert``: exact and elastic resume, S3, bad samples, conversions.
+
+Every test reads its own MDS folder (and cache) under ``tmp_path``; streaming's shared memory is keyed by
+those folders. The 2-process tests fork children that join a gloo group, as ``torchrun`` would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cadenza.datasets.context import LoaderContext
+from cadenza.datasets.convert import MARKER
+from cadenza.datasets.convert import main as convert_main
+from cadenza.datasets.samples import substitutes
+from cadenza.datasets.streaming import StreamingLoader
+from cadenza.datasets.transforms import image_transform
+from cadenza.engine.dist import DistInfo
+from cadenza.engine.errors import DataError
+from cadenza.engine.trainer import Trainer
+from cadenza.models.tokenizer import get_tokenizer
+
+from .test_trainer import RecordBatches, assert_bit_identical, weights
+
+CONTEXT_LENGTH = 32  # tiny-vit's
+TOKENIZER = get_tokenizer("tiny-vit", context_length=CONTEXT_LENGTH)
+
+
+# -- helpers --------------------------------------------------------------------------------------------
+def jpeg(value: int, size: int = 16) -> bytes:
+    """A small JPEG whose pixels encode ``value`` (so images differ)."""
+    pixels = np.full((size, size, 3), (value * 37 % 256, value * 11 % 256, value * 5 % 256), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def write_mds(
+    folder: Path, num: int, prefix: str = "sample", bad: dict[int, str] | None = None, encoding="jpeg"
+) -> Path:
+    """``num`` samples captioned ``f"{prefix} {i}"``; ``bad`` maps an index to 'image' or 'caption' damage."""
+    from streaming import MDSWriter
+
+    bad = bad or {}
+    with MDSWriter(out=str(folder), columns={"jpg": encoding, "txt": "str"}, size_limit=1 << 12) as writer:
+        for i in range(num):
+            image, caption = jpeg(i), f"{prefix} {i}"
+            if bad.get(i) == "image":
+                image = image[: len(image) // 3]  # truncated JPEG
+            elif bad.get(i) == "caption":
+                caption = "   "
+            if encoding == "pil":
+                image = Image.open(io.BytesIO(image)) if bad.get(i) != "image" else image
+            writer.write({"jpg": image, "txt": caption})
+    return folder
+
+
+def sample_ids(tokens: torch.Tensor, prefix: str = "sample") -> list[int]:
+    """Recover ``i`` from the token rows of captions ``f"{prefix} {i}"``."""
+    lookup = {tuple(row.tolist()): i for i, row in enumerate(TOKENIZER([f"{prefix} {i}" for i in range(512)]))}
+    return [lookup[tuple(row.tolist())] for row in tokens]
+
+
+def loader(remote: str | None, batch_size: int, dist: DistInfo | None = None, workers: int = 0, **kwargs):
+    context = LoaderContext(
+        train=True,
+        batch_size=batch_size,
+        dist=dist or DistInfo(),
+        seed=0,
+        image_size=32,
+        context_length=CONTEXT_LENGTH,
+        transform=image_transform(32, True),
+        tokenizer=TOKENIZER,
+        workers=workers,
+        cache_dir=kwargs.pop("cache_dir", None),
+    )
+    return StreamingLoader(remote=remote, context=context, **kwargs)
+
+
+def streaming_train(remote: str, *overrides: str) -> tuple[str, ...]:
+    train = (
+        f"data.train={{type: streaming, remote: '{remote}', num_samples: null}}"  # replaces tiny.yaml's synthetic set
+    )
+    return (train, "data.val=null", "optim.grad_clip_norm=null", "checkpoint.keep=-1", *overrides)
+
+
+# -- exact resume through the trainer -----------------------------------------------------------------------
+def test_resume_sees_the_same_samples_and_ends_with_the_same_weights(tiny, tmp_path):
+    """6 steps straight == 2 steps + resume, and == 4 steps (an epoch's end) + resume with 2 workers."""
+    remote = str(write_mds(tmp_path / "mds", 32))
+    common = streaming_train(remote, "data.batch_size=8", "run.duration=6ba", "checkpoint.save_interval=2ba")
+    straight = RecordBatches()
+    full = Trainer(tiny(*common, "run.name=full"), callbacks=[straight])
+    full_weights = weights(full.fit())
+    seen = [sample_ids(tokens) for tokens in straight.seen]
+    assert sorted(sum(seen[:4], [])) == list(range(32))  # epoch 0: every sample once
+    assert seen[4:] != seen[:2]  # epoch 1 is reshuffled
+    folder = full.run_dir / "checkpoints"
+    for step, workers in ((2, 0), (4, 2)):
+        checkpoint = next(folder.glob(f"ep*-ba{step}.pt"))
+        resumed_batches = RecordBatches()
+        resumed = Trainer(
+            tiny(*common, f"run.name=resumed{step}", f"data.workers={workers}", f"checkpoint.resume={checkpoint}"),
+            callbacks=[resumed_batches],
+        )
+        assert resumed.state.timestamp.batch == step
+        assert_bit_identical(full_weights, weights(resumed.fit()))
+        assert [sample_ids(tokens) for tokens in resumed_batches.seen] == seen[step:]
+
+
+def test_checkpoint_holds_the_loader_state_and_a_changed_seed_is_refused(tiny, tmp_path):
+    remote = str(write_mds(tmp_path / "mds", 32))
+    trainer = Trainer(tiny(*streaming_train(remote, "data.batch_size=8", "run.duration=2ba", "run.name=a")))
+    trainer.fit()
+    checkpoint = torch.load(trainer.run_dir / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    assert checkpoint["dataloader"] == {
+        "epoch": 0,
+        "sample_in_epoch": 16,
+        "num_canonical_nodes": 1,
+        "shuffle_seed": 0,
+        "initial_physical_nodes": 1,
+    }
+    with pytest.raises(ValueError, match="shuffle_seed=0, this config sets 5"):
+        loader(remote, 8, shuffle_seed=5).load_state_dict(checkpoint["dataloader"])
+
+
+# -- elastic resume: 1 process ↔ 2 processes -----------------------------------------------------------------
+def _rank_main(rank: int, world: int, port: int, remote: str, batch_size: int, state, steps, out: str) -> None:
+    """One of ``world`` processes: load ``state`` (if any), take ``steps`` batches (all if None), record them."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        data = loader(remote, batch_size, DistInfo(rank, world, rank))
+        if state is not None:
+            data.load_state_dict(state)
+        batches = []
+        for _, tokens in data:
+            batches.append(sample_ids(tokens))
+            if steps is not None and len(batches) == steps:
+                break
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"batches": batches, "state": data.state_dict()}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_ranks(world: int, remote: str, batch_size: int, state, steps, out: Path) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    from .s3 import free_port
+
+    out.mkdir()
+    args = (world, free_port(), remote, batch_size, state, steps, str(out))
+    mp.start_processes(_rank_main, args=args, nprocs=world, start_method="fork")
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
+
+
+def global_batches(per_rank: list[dict]) -> list[list[int]]:
+    """Global batch k = rank 0's batch k + rank 1's batch k + ..."""
+    return [sum(parts, []) for parts in zip(*(r["batches"] for r in per_rank), strict=True)]
+
+
+def test_elastic_resume_from_one_process_to_two_and_back(tmp_path):
+    remote = str(write_mds(tmp_path / "mds", 64))
+    whole = run_ranks(1, remote, 8, None, None, tmp_path / "whole")[0]["batches"]  # the uninterrupted epoch
+    assert sorted(sum(whole, [])) == list(range(64))
+
+    # 1 process x 8 for 3 steps, then 2 processes x 4 for the rest of the epoch
+    first = run_ranks(1, remote, 8, None, 3, tmp_path / "one")[0]
+    assert first["state"]["sample_in_epoch"] == 24
+    rest = run_ranks(2, remote, 4, first["state"], None, tmp_path / "two")
+    batches = first["batches"] + global_batches(rest)
+    assert sorted(sum(batches, [])) == list(range(64))  # every sample of the epoch exactly once
+    assert [sorted(b) for b in batches] == [sorted(b) for b in whole]  # and the same global batches
+
+    # 2 processes x 4 for 5 steps, then 1 process x 8
+    first = run_ranks(2, remote, 4, None, 5, tmp_path / "two-first")
+    assert first[0]["state"] == first[1]["state"] and first[0]["state"]["sample_in_epoch"] == 40
+    rest = run_ranks(1, remote, 8, first[0]["state"], None, tmp_path / "one-after")[0]
+    batches = global_batches(first) + rest["batches"]
+    assert sorted(sum(batches, [])) == list(range(64))
+    assert [sorted(b) for b in batches] == [sorted(b) for b in whole]
+
+
+# -- S3 ---------------------------------------------------------------------------------------------------
+def write_csv_source(folder: Path, num: int) -> Path:
+    (folder / "images").mkdir(parents=True)
+    rows = ["filepath\ttitle"]
+    for i in range(num):
+        (folder / "images" / f"{i}.jpg").write_bytes(jpeg(i))
+        rows.append(f"images/{i}.jpg\tsample {i}")
+    (folder / "train.csv").write_text("\n".join(rows) + "\n")
+    return folder / "train.csv"
+
+
+def test_convert_uploads_to_s3_and_training_reads_it_back(tiny, tmp_path, s3_bucket, moto_server):
+    from streaming import StreamingDataset
+
+    source = write_csv_source(tmp_path / "csv", 24)
+    remote = f"s3://{s3_bucket}/mds/train"
+    assert convert_main(["--from", "csv", str(source), "--to", remote, "--no-progress"]) == 0
+    keys = {o["Key"] for o in moto_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    assert {"mds/train/index.json", f"mds/train/{MARKER}", "mds/train/shard.00000.mds"} <= keys
+
+    plain = StreamingDataset(remote=remote, local=str(tmp_path / "plain-cache"), batch_size=4)
+    assert sorted(plain[i]["txt"] for i in range(len(plain))) == sorted(f"sample {i}" for i in range(24))
+
+    recorder = RecordBatches()
+    trainer = Trainer(
+        tiny(*streaming_train(remote, "data.batch_size=8", "run.duration=3ba", "run.name=s3")), callbacks=[recorder]
+    )
+    trainer.fit()
+    assert sorted(i for tokens in recorder.seen for i in sample_ids(tokens)) == list(range(24))
+    assert list((trainer.run_dir / "data-cache" / "streaming-train").glob("shard.*.mds"))  # the per-run cache
+
+
+# -- bad samples ----------------------------------------------------------------------------------------------
+def test_corrupt_images_and_empty_captions_are_replaced_and_counted(tmp_path):
+    bad = {3: "image", 10: "image", 17: "caption"}
+    remote = str(write_mds(tmp_path / "mds", 32, bad=bad))
+    data = loader(remote, 8)
+    batches = [sample_ids(tokens) for _, tokens in data]
+    assert [len(b) for b in batches] == [8, 8, 8, 8]  # batches stay full: positions (and resume) are unaffected
+    seen = sum(batches, [])
+    assert not set(seen) & set(bad)
+    assert set(seen) == set(range(32)) - set(bad)
+    expected_failures = 0
+    for index in bad:
+        for candidate in substitutes(index, 32):
+            if candidate not in bad:
+                break
+            expected_failures += 1
+    assert data.skipped == expected_failures >= 3
+
+
+def test_a_source_where_nothing_decodes_is_a_clear_error(tmp_path):
+    remote = str(write_mds(tmp_path / "mds", 8, bad={i: "image" for i in range(8)}))
+    with pytest.raises(DataError, match=r"no sample of streaming .*mds.* can be used"):
+        next(iter(loader(remote, 4)))
+
+
+def test_missing_columns_are_named(tmp_path):
+    remote = str(write_mds(tmp_path / "mds", 8))
+    with pytest.raises(DataError, match=r"no column 'image' \(image_key\); the shards have columns \['jpg', 'txt'\]"):
+        loader(remote, 4, image_key="image")
+
+
+# -- streams, epoch size, encodings -------------------------------------------------------------------------
+def test_streams_are_mixed_by_proportion(tmp_path):
+    a = str(write_mds(tmp_path / "a", 40, prefix="sample"))
+    b = str(write_mds(tmp_path / "b", 40, prefix="other"))
+    streams = [{"remote": a, "proportion": 0.75}, {"remote": b, "proportion": 0.25}]
+    data = loader(None, 8, streams=streams, num_samples=32)
+    assert data.batches_per_epoch == 4
+    captions = [TOKENIZER.decode(row) for _, tokens in data for row in tokens]
+    assert len(captions) == 32
+    assert sum(">sample " in c for c in captions) == 24 and sum(">other " in c for c in captions) == 8
+
+
+def test_jpeg_bytes_and_pil_columns_read_the_same(tmp_path):
+    """The same samples decode to the same tensors (the shard layout, hence the order, differs)."""
+    by_id = []
+    for encoding in ("jpeg", "bytes", "pil"):
+        data = loader(str(write_mds(tmp_path / encoding, 16, encoding=encoding)), 8)
+        by_id.append({i: image for images, tokens in data for i, image in zip(sample_ids(tokens), images, strict=True)})
+    assert sorted(by_id[0]) == list(range(16))
+    for other in by_id[1:]:
+        assert other.keys() == by_id[0].keys()
+        assert all(torch.equal(other[i], by_id[0][i]) for i in other)
+
+
+# -- composer convert -------------------------------------------------------------------------------------------
+def read_plain(folder: Path) -> list[dict]:
+    from streaming import StreamingDataset
+
+    dataset = StreamingDataset(local=str(folder), batch_size=1)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def test_convert_csv_skips_and_counts_bad_rows(tmp_path, caplog):
+    source = write_csv_source(tmp_path / "csv", 6)
+    (tmp_path / "csv" / "images" / "bad.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    with source.open("a") as handle:
+        handle.write("images/missing.jpg\tgone\nimages/bad.jpg\tbroken\nimages/0.jpg\t \n")
+    out = tmp_path / "out"
+    assert convert_main(["--from", "csv", str(source), "--to", str(out), "--no-progress"]) == 0
+    samples = read_plain(out)
+    assert sorted(s["txt"] for s in samples) == sorted(f"sample {i}" for i in range(6))
+    assert samples[0]["jpg"].size == (16, 16)  # a PIL image for plain readers, the original bytes inside
+    assert json.loads((out / MARKER).read_text())["skipped"] == 3
+    assert "missing file" in caplog.text and "undecodable image" in caplog.text and "empty caption" in caplog.text
+
+
+def test_convert_webdataset_with_brace_expansion_and_a_truncated_shard(tmp_path):
+    for shard in range(3):
+        with tarfile.open(tmp_path / f"shard-{shard}.tar", "w") as tar:
+            for i in range(4):
+                for name, data in ((f"{shard}-{i}.jpg", jpeg(i)), (f"{shard}-{i}.txt", f"wds {shard} {i}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    whole = (tmp_path / "shard-2.tar").read_bytes()
+    (tmp_path / "shard-2.tar").write_bytes(whole[:1500])  # cut inside the first member's data
+    out = tmp_path / "out"
+    source = f"{tmp_path}/shard-{{0..1}}.tar::{tmp_path}/shard-2.tar"
+    assert convert_main(["--from", "webdataset", source, "--to", str(out), "--no-progress"]) == 0
+    assert sorted(s["txt"] for s in read_plain(out)) == sorted(f"wds {s} {i}" for s in range(2) for i in range(4))
+    assert json.loads((out / MARKER).read_text())["skipped"] == 1
+
+
+def test_convert_imagefolder_with_templates_reads_back_in_cadenza(tmp_path):
+    for label, name in enumerate(("cat", "hot_dog")):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(4):
+            (tmp_path / "src" / name / f"{i}.jpg").write_bytes(jpeg(label * 4 + i))
+    out = tmp_path / "out"
+    args = ["--from", "imagefolder", str(tmp_path / "src"), "--to", str(out), "--no-progress"]
+    assert convert_main([*args, "--templates", "a photo of a {}.", "a {} picture"]) == 0
+    samples = read_plain(out)
+    assert sorted((s["cls"], s["txt"]) for s in samples) == sorted(
+        [(0, "a photo of a cat."), (0, "a cat picture")] * 2
+        + [(1, "a photo of a hot dog."), (1, "a hot dog picture")] * 2
+    )
+    assert sum(len(tokens) for _, tokens in loader(str(out), 4)) == 8
+    assert convert_main([*args, "--to", str(tmp_path / "out2"), "--templates", "no placeholder"]) == 1
+
+
+def test_a_failed_conversion_leaves_no_index_and_an_empty_source_is_an_error(tmp_path, capsys):
+    from cadenza.datasets.convert import Item, convert
+
+    def items():
+        yield Item("a", jpeg(1), "one")
+        raise OSError("disk on fire")
+
+    with pytest.raises(OSError, match="disk on fire"):
+        convert(items(), str(tmp_path / "out"), {"jpg": "jpeg", "txt": "str"}, progress=False)
+    assert not (tmp_path / "out" / "index.json").exists()  # MDSWriter wrote one on exit; it was removed
+
+    (tmp_path / "empty.csv").write_text("filepath\ttitle\nmissing.jpg\tnothing\n")
+    args = ["--from", "csv", str(tmp_path / "empty.csv"), "--to", str(tmp_path / "out3"), "--no-progress"]
+    assert convert_main(args) == 1
+    assert "no usable sample in csv" in capsys.readouterr().err
+    assert not (tmp_path / "out3" / "index.json").exists()
+
+
+def test_readme_convert_commands_are_valid():
+    import re
+    import shlex
+
+    from cadenza.datasets.convert import build_parser
+
+    from .conftest import ROOT
+
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    commands = [shlex.split(line) for b in blocks for line in b.splitlines() if line.startswith("composer convert ")]
+    assert len(commands) == 3
+    for command in commands:
+        args = build_parser().parse_args(command[2:])
+        assert args.kind in ("csv", "webdataset", "imagefolder") and args.out
