@@ -100,8 +100,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    """Zero-shot classification on an image folder (``engine/zero_shot.py``); off while ``path`` is unset."""
+
+    path: str | None = None  # <path>/<class>/<image>, classes in sorted folder order
+    classnames: Any = None  # a list or a file (one per line), in folder order; default the folder names
+    templates: list[str] | None = None  # prompts with '{}' for the class name; default OpenAI's 7 ImageNet ones
+    name: str = "imagenet"  # metric prefix: val/<name>-zeroshot-val-top1 / -top5
+
+
+@dataclass
 class EvalConfig:
-    interval: str = "1ep"  # evaluate data.val this often (and at the end)
+    interval: str = "1ep"  # evaluate data.val and zero_shot this often (and at the end)
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
 
 @dataclass
@@ -282,8 +293,13 @@ def _check_values(cfg: DictConfig) -> None:
         image_transform(32, True, **OmegaConf.to_container(cfg.data.augment))
     except (TypeError, ValueError) as error:
         raise ConfigError("data.augment", str(error)) from error
-    if cfg.data.train is None and cfg.data.val is None:
-        raise ConfigError("data.train", "nothing to do: set data.train (to train) or data.val (to evaluate).")
+    if cfg.data.train is None and cfg.data.val is None and cfg.eval.zero_shot.path is None:
+        raise ConfigError(
+            "data.train", "nothing to do: set data.train (to train), or data.val or eval.zero_shot.path (to evaluate)."
+        )
+    for template in cfg.eval.zero_shot.templates or ():
+        if "{}" not in template:
+            raise ConfigError("eval.zero_shot.templates", f"{template!r} has no '{{}}' for the class name.")
     for section, registry, runtime in (
         ("algorithms", ALGORITHMS, ()),
         ("loggers", LOGGERS, LOGGER_RUNTIME_ARGS),

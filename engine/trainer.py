@@ -34,6 +34,7 @@ from cadenza.engine.optim import build_optimizer, build_scheduler
 from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, MODELS
 from cadenza.engine.state import State
 from cadenza.engine.time import Time
+from cadenza.engine.zero_shot import build_zero_shot
 from cadenza.models.tokenizer import get_tokenizer
 
 log = logging.getLogger("cadenza")
@@ -109,6 +110,7 @@ class Trainer:
         eval_loader = self._build_loader(cfg.data.val, "data.val", model, info, train=False)
         state = State(model=model, config=cfg, device=device, precision=cfg.run.precision, dist=info)
         state.train_loader, state.eval_loader = train_loader, eval_loader
+        self.evaluates = eval_loader is not None or cfg.eval.zero_shot.path is not None
         state.accum_freq = cfg.optim.accum_freq
         state.samples_per_batch = cfg.data.batch_size * cfg.optim.accum_freq * info.world_size
         if train_loader is not None:
@@ -254,6 +256,11 @@ class Trainer:
             )
         if state.eval_loader is not None:
             callbacks.append(RetrievalEvaluator())
+        zero_shot = build_zero_shot(
+            cfg.eval.zero_shot, state.model, cfg.model.name, cfg.data.batch_size, cfg.data.workers
+        )
+        if zero_shot is not None:
+            callbacks.append(zero_shot)
         return callbacks
 
     def _log_setup(self, state: State) -> None:
@@ -315,7 +322,7 @@ class Trainer:
             self.engine.run_event(Event.FIT_START)
             while not state.is_done:
                 self._train_epoch()
-            if state.eval_loader is not None and not self._evaluated_at_last_step:
+            if self.evaluates and not self._evaluated_at_last_step:
                 self.evaluate()
             self.engine.run_event(Event.FIT_END)
         finally:
@@ -430,7 +437,7 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------------
     def _eval_due(self) -> bool:
         state = self.state
-        if state.eval_loader is None:
+        if not self.evaluates:
             return False
         every = Time.parse(self.cfg.eval.interval, "eval.interval").to_batches(
             state.batches_per_epoch, state.samples_per_batch, state.max_batches
@@ -439,13 +446,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Run the model over ``data.val`` once, firing the eval events; evaluators compute metrics."""
+        """Run the model over ``data.val`` once (if set), firing the eval events; evaluators compute metrics."""
         state = self.state
         state.wrapped_model.eval()
         state.eval_metrics = {}
         self.engine.run_event(Event.EVAL_START)
-        state.eval_loader.set_epoch(0)
-        for batch in state.eval_loader:
+        if state.eval_loader is not None:
+            state.eval_loader.set_epoch(0)
+        for batch in state.eval_loader if state.eval_loader is not None else ():
             state.micro_batch = self._to_device(batch)
             self.engine.run_event(Event.EVAL_BATCH_START)
             with autocast_context(state.precision, state.device):

@@ -1,0 +1,234 @@
+"""Zero-shot classification: ``eval.zero_shot`` scores the model on an image folder without training on it.
+
+As in CLIP (Radford et al., 2021) and OpenCLIP's ``zero_shot_classifier``: every class name is put into
+each prompt template, the normalized text embeddings of a class are averaged and normalized again; an
+image's logits are ``100 * image_embedding @ class_embeddings.T``. Reports OpenCLIP's metric names,
+``val/<name>-zeroshot-val-top1`` and ``-top5``, at ``eval.interval`` and at the end of training, with or
+without ``data.val``. Images are split over processes and the counts summed.
+
+Example:
+    >>> import torch
+    >>> text = torch.nn.functional.normalize(torch.randn(2, 3, 8), dim=-1)  # (classes, templates, D)
+    >>> build_classifier_weights(text).shape
+    torch.Size([2, 8])
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from cadenza.engine import dist
+from cadenza.engine.algorithm import Callback
+from cadenza.engine.errors import ConfigError
+from cadenza.engine.precision import autocast_context
+
+if TYPE_CHECKING:
+    from cadenza.engine.logger import Logger
+    from cadenza.engine.state import State
+
+log = logging.getLogger("cadenza")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+#: OpenAI's short ensemble of ImageNet prompts (the 7 of their notebook); the 80 come with issue 8
+OPENAI_SHORT_TEMPLATES = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+
+def build_classifier_weights(text_features: torch.Tensor) -> torch.Tensor:
+    """Class embeddings from normalized prompt embeddings ``(C, T, D)``: the normalized mean over templates."""
+    return F.normalize(text_features.mean(dim=1), dim=-1)  # (C, D)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
+    """How many rows have their label among the ``k`` largest logits, for each ``k`` (capped at the class count)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (N, K)
+    hits = top == labels[:, None]  # (N, K)
+    return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
+
+
+def read_classnames(classnames: str | Sequence[str] | None, folders: list[str]) -> list[str]:
+    """Class names in folder order: the given list, a file with one name per line, or the folder names."""
+    if classnames is None:
+        return [name.replace("_", " ") for name in folders]
+    if isinstance(classnames, str):
+        path = Path(classnames)
+        if not path.is_file():
+            raise ConfigError("eval.zero_shot.classnames", f"'{classnames}' is neither a list nor a file.")
+        classnames = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = [str(name) for name in classnames]
+    if len(names) != len(folders):
+        raise ConfigError(
+            "eval.zero_shot.classnames",
+            f"{len(names)} class names for {len(folders)} class folders; give one name per folder, in sorted order.",
+        )
+    return names
+
+
+class ImageFolderFiles(Dataset):
+    """``root/<class>/<image>`` (classes in sorted folder order) → ``(image tensor, label)``; a file that does
+    not decode becomes ``None`` (skipped and counted by the evaluator)."""
+
+    def __init__(self, root: str, transform: Callable[[Any], torch.Tensor]) -> None:
+        folders = sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
+        if not folders:
+            raise ConfigError(
+                "eval.zero_shot.path", f"'{root}' has no class folders (expected {root}/<class>/<image>)."
+            )
+        self.classes = [folder.name for folder in folders]
+        self.files = [
+            (str(file), label)
+            for label, folder in enumerate(folders)
+            for file in sorted(folder.iterdir())
+            if file.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        if not self.files:
+            raise ConfigError("eval.zero_shot.path", f"'{root}' has class folders but no images.")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        from cadenza.datasets.samples import SampleError, read_image_file
+
+        path, label = self.files[index]
+        try:
+            image = read_image_file(path)
+        except SampleError as error:
+            log.warning("zero-shot: skipped %s", error)
+            return None
+        return self.transform(image.convert("RGB")), label
+
+
+def _collate(items: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    good = [item for item in items if item is not None]
+    skipped = len(items) - len(good)
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    return torch.stack([image for image, _ in good]), torch.tensor([label for _, label in good]), skipped
+
+
+class ZeroShotEvaluator(Callback):
+    """Zero-shot top-1 / top-5 accuracy on an image folder, at every evaluation.
+
+    Args:
+        path: ``root/<class>/<image>``.
+        classnames: one name per class folder (sorted order), a file of them, or ``None`` for the folder names.
+        templates: prompts with ``{}`` for the class name; default OpenAI's short ImageNet ensemble.
+        name: the metric prefix (``imagenet`` → ``val/imagenet-zeroshot-val-top1``).
+        transform: PIL image → tensor (the model's evaluation transform).
+        tokenizer: prompts → ``(N, L)`` token ids.
+        batch_size, workers: of the image loader.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        classnames: str | Sequence[str] | None,
+        templates: Sequence[str] | None,
+        name: str,
+        transform: Callable[[Any], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        batch_size: int = 64,
+        workers: int = 0,
+    ) -> None:
+        self.templates = list(templates or OPENAI_SHORT_TEMPLATES)
+        bad = [t for t in self.templates if "{}" not in t]
+        if bad:
+            raise ConfigError("eval.zero_shot.templates", f"{bad[0]!r} has no '{{}}' for the class name.")
+        self.dataset = ImageFolderFiles(path, transform)
+        self.classnames = read_classnames(classnames, self.dataset.classes)
+        self.name = name
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.workers = workers
+
+    @torch.no_grad()
+    def classifier(self, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+        """``(C, D)`` class embeddings."""
+        prompts = [template.format(name) for name in self.classnames for template in self.templates]
+        features = [
+            model.encode_text(self.tokenizer(prompts[i : i + self.batch_size]).to(device), normalize=True).float()
+            for i in range(0, len(prompts), self.batch_size)
+        ]
+        text = torch.cat(features).view(len(self.classnames), len(self.templates), -1)  # (C, T, D)
+        return build_classifier_weights(text)
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        metrics = self.evaluate(state)
+        state.eval_metrics.update(metrics)
+        logger.log_metrics(metrics, state.timestamp.batch)
+
+    @torch.no_grad()
+    def evaluate(self, state: State) -> dict[str, float]:
+        """Accuracy of ``state.model`` over the whole folder (this process scores every world_size-th image)."""
+        model, device = state.model, state.device
+        dtype = next(model.parameters()).dtype
+        with autocast_context(state.precision, device):
+            weights = self.classifier(model, device)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        indices = list(range(rank, len(self.dataset), world))
+        loader = DataLoader(
+            torch.utils.data.Subset(self.dataset, indices),
+            batch_size=self.batch_size,
+            num_workers=self.workers,
+            collate_fn=_collate,
+            generator=torch.Generator(),  # never draws from the training RNG
+        )
+        counts = torch.zeros(4, dtype=torch.float64)  # top1, top5, scored, skipped
+        for images, labels, skipped in loader:
+            counts[3] += skipped
+            if not len(images):
+                continue
+            with autocast_context(state.precision, device):
+                features = model.encode_image(images.to(device, dtype=dtype), normalize=True).float()
+            logits = 100.0 * features @ weights.T  # (N, C)
+            top1, top5 = topk_correct(logits.cpu(), labels)
+            counts += torch.tensor([top1, top5, len(labels), 0], dtype=torch.float64)
+        if world > 1:
+            counts = counts.to(device)
+            torch.distributed.all_reduce(counts)
+            counts = counts.cpu()
+        top1, top5, scored, skipped = counts.tolist()
+        if skipped:
+            log.warning("zero-shot %s: %d images did not decode and were not scored", self.name, int(skipped))
+        prefix = f"val/{self.name}-zeroshot-val"
+        return {f"{prefix}-top1": top1 / max(scored, 1), f"{prefix}-top5": top5 / max(scored, 1)}
+
+
+def build_zero_shot(cfg: Any, model: torch.nn.Module, model_name: str, batch_size: int, workers: int):
+    """The evaluator for the ``eval.zero_shot`` section (``None`` when its ``path`` is unset)."""
+    if cfg.path is None:
+        return None
+    from cadenza.datasets.transforms import image_transform
+    from cadenza.models.tokenizer import get_tokenizer
+
+    classnames = cfg.classnames if isinstance(cfg.classnames, str) or cfg.classnames is None else list(cfg.classnames)
+    return ZeroShotEvaluator(
+        cfg.path,
+        classnames,
+        list(cfg.templates) if cfg.templates is not None else None,
+        cfg.name,
+        transform=image_transform(model.image_size, False, model.image_mean, model.image_std),
+        tokenizer=get_tokenizer(model_name, context_length=model.context_length),
+        batch_size=batch_size,
+        workers=workers,
+    )
+
+
+__all__ = ["OPENAI_SHORT_TEMPLATES", "ZeroShotEvaluator", "build_classifier_weights", "build_zero_shot", "topk_correct"]
