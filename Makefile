@@ -20,9 +20,10 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The digits data set, then training: one thread for the tiny model, the other core for the data worker
+# (on 2 cores, more threads only contend).
 quickstart: install
 	$(BIN)/python -m cadenza.datasets.digits --out data/digits
-	# one thread for the tiny model, the other core for the data worker: more threads only contend
 	OMP_NUM_THREADS=1 $(BIN)/composer yamls/quickstart.yaml
 
 lint: install

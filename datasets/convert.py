@@ -47,13 +47,15 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 @dataclass
 class Item:
-    """One source sample before checking: encoded image bytes (or the error reading them) and a caption."""
+    """One source sample before checking: encoded image bytes (or a file to read them from, in a checking thread),
+    a caption, and why it is unusable if that is already known."""
 
     name: str
     image: bytes | None
     caption: str | bytes | None
     label: int | None = None
     error: str | None = None
+    file: str | None = None
 
 
 @dataclass
@@ -62,7 +64,7 @@ class Report:
 
     samples: int = 0
     skipped: int = 0
-    reasons: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # the first 5
 
 
 # -- sources --------------------------------------------------------------------------------------------
@@ -126,13 +128,7 @@ def webdataset_items(path: str) -> Iterator[Item]:
 
 
 def _file_item(path: str, caption: str, label: int | None = None) -> Item:
-    try:
-        with open(path, "rb") as handle:
-            return Item(path, handle.read(), caption, label)
-    except FileNotFoundError:
-        return Item(path, None, caption, label, error=f"missing file {path}")
-    except OSError as error:
-        return Item(path, None, caption, label, error=f"unreadable file {path} ({error.strerror or error})")
+    return Item(path, None, caption, label, file=path)
 
 
 # -- checking and writing ---------------------------------------------------------------------------------
@@ -140,12 +136,26 @@ def check(item: Item) -> tuple[bytes, str, int | None] | str:
     """``(image bytes, caption, label)`` if the sample is usable, else the reason it is not."""
     if item.error is not None:
         return item.error
+    image = item.image
     try:
+        if item.file is not None:
+            image = read_file(item.file)
         caption = clean_caption(item.caption)
-        decode_image(item.image)
+        decode_image(image)
     except SampleError as error:
-        return f"{item.name}: {error}"
-    return item.image, caption, item.label
+        return str(error) if item.name in str(error) else f"{item.name}: {error}"
+    return image, caption, item.label
+
+
+def read_file(path: str) -> bytes:
+    """A file's bytes, or ``SampleError`` (missing, unreadable)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise SampleError(f"missing file {path}") from None
+    except OSError as error:
+        raise SampleError(f"unreadable file {path} ({error.strerror or error})") from None
 
 
 def convert(
@@ -175,11 +185,12 @@ def convert(
             MDSWriter(out=out, columns=columns, hashes=["xxh64"], size_limit=size_limit, exist_ok=overwrite) as writer,
         ):
             for chunk in _chunks(items, 256):
-                for result in pool.map(check, chunk):  # decoding runs in threads; the order is kept
+                for result in pool.map(check, chunk):  # reading and decoding run in threads; the order is kept
                     bar.update(1)
                     if isinstance(result, str):
                         report.skipped += 1
-                        report.reasons.append(result)
+                        if len(report.reasons) < 5:  # examples for the error message; the log has them all
+                            report.reasons.append(result)
                         skips.add([result])
                         continue
                     image, caption, label = result

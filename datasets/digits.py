@@ -75,7 +75,9 @@ def to_png(pixels: np.ndarray, size: int) -> bytes:
     return buffer.getvalue()
 
 
-def build(out: str | Path, size: int = 32, test_fraction: float = 0.2, captions: int = 2, seed: int = 0) -> dict:
+def build(
+    out: str | Path, size: int = 32, test_fraction: float = 0.2, captions: int = 2, seed: int = 0, progress: bool = True
+) -> dict:
     """Write ``<out>/mds`` and ``<out>/test``; return the counts."""
     from sklearn.datasets import load_digits
 
@@ -95,7 +97,9 @@ def build(out: str | Path, size: int = 32, test_fraction: float = 0.2, captions:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     columns = {"jpg": "bytes", "txt": "str", "cls": "int"}
-    report = convert(items(), str(out / "mds"), columns, total=len(train) * captions, source="scikit-learn digits")
+    report = convert(
+        items(), str(out / "mds"), columns, total=len(train) * captions, progress=progress, source="scikit-learn digits"
+    )
     for index in test:
         label = int(digits.target[index])
         folder = out / "test" / str(label)

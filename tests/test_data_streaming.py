@@ -132,6 +132,16 @@ def test_checkpoint_holds_the_loader_state_and_a_changed_seed_is_refused(tiny, t
         loader(remote, 8, shuffle_seed=5).load_state_dict(checkpoint["dataloader"])
 
 
+def test_streaming_validation_data_is_read_whole_at_every_evaluation(tiny, tmp_path):
+    remote = str(write_mds(tmp_path / "mds", 20))
+    val = f"data.val={{type: streaming, remote: '{remote}', num_samples: null}}"  # replaces tiny.yaml's
+    overrides = (val, "eval.interval=2ba", "run.duration=4ba")
+    trainer = Trainer(tiny(*overrides, "data.batch_size=8", "optim.grad_clip_norm=null"))
+    trainer.fit()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["val/num_samples"]) for r in rows if "val/num_samples" in r] == [(2, 20), (4, 20)]
+
+
 # -- elastic resume: 1 process ↔ 2 processes -----------------------------------------------------------------
 def _rank_main(rank: int, world: int, port: int, remote: str, batch_size: int, state, steps, out: str) -> None:
     """One of ``world`` processes: load ``state`` (if any), take ``steps`` batches (all if None), record them."""
@@ -225,6 +235,17 @@ def test_convert_uploads_to_s3_and_training_reads_it_back(tiny, tmp_path, s3_buc
 
 
 # -- bad samples ----------------------------------------------------------------------------------------------
+def failed_attempts(bad: dict[int, str], num: int) -> int:
+    """Decoding attempts that fail in one epoch: each bad sample, and any bad stand-in tried before a good one."""
+    count = 0
+    for index in bad:
+        for candidate in substitutes(index, num):
+            if candidate not in bad:
+                break
+            count += 1
+    return count
+
+
 def test_corrupt_images_and_empty_captions_are_replaced_and_counted(tmp_path):
     bad = {3: "image", 10: "image", 17: "caption"}
     remote = str(write_mds(tmp_path / "mds", 32, bad=bad))
@@ -234,13 +255,18 @@ def test_corrupt_images_and_empty_captions_are_replaced_and_counted(tmp_path):
     seen = sum(batches, [])
     assert not set(seen) & set(bad)
     assert set(seen) == set(range(32)) - set(bad)
-    expected_failures = 0
-    for index in bad:
-        for candidate in substitutes(index, 32):
-            if candidate not in bad:
-                break
-            expected_failures += 1
-    assert data.skipped == expected_failures >= 3
+    assert data.skipped == failed_attempts(bad, 32) >= 3
+
+
+def test_skipped_samples_reach_the_metrics(tiny, tmp_path):
+    bad = {3: "image", 10: "image", 17: "caption"}
+    remote = str(write_mds(tmp_path / "mds", 32, bad=bad))
+    trainer = Trainer(tiny(*streaming_train(remote, "data.batch_size=8", "run.duration=4ba", "run.log_interval=2ba")))
+    trainer.fit()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    counts = [r["data/skipped"] for r in rows if "data/skipped" in r]
+    assert len(counts) == 2 and counts[-1] == failed_attempts(bad, 32) >= 3
+    assert "skipped a sample of streaming" in (trainer.run_dir / "out.log").read_text()
 
 
 def test_a_source_where_nothing_decodes_is_a_clear_error(tmp_path):
