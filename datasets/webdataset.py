@@ -290,6 +290,7 @@ class SampleStream:
         self._exhausted = False
         self._shard_samples = 0  # samples read from the open shard
         self._empty_shards = 0  # shards in a row that gave no sample
+        self._last_problem = "the shards hold no samples"
 
     # state
     def snapshot(self) -> dict[str, Any]:
@@ -304,13 +305,14 @@ class SampleStream:
         """Continue from ``snapshot``: re-read the buffered samples by byte range, reopen the shard at the offset."""
         self.cursor, self.offset, self.emitted = snapshot["cursor"], snapshot["offset"], snapshot["emitted"]
         wanted = [tuple(int(v) for v in ids) for ids in snapshot["buffer"]]
+        wanted_set = set(wanted)
         found: dict[tuple[int, int, int], tuple[str, TarSample]] = {}
         for cursor in sorted({c for c, _, _ in wanted}):
             url = self.plan.url(self.epoch, cursor)
             ranges = [(s, e) for c, s, e in wanted if c == cursor]
             low, high = min(s for s, _ in ranges), max(e for _, e in ranges)
-            for item, _ in iter_tar(url, low, high):
-                if isinstance(item, TarSample) and (cursor, item.start, item.end) in wanted:
+            for item, _ in iter_tar(url, low, high):  # one read per shard, of the span the samples cover
+                if isinstance(item, TarSample) and (cursor, item.start, item.end) in wanted_set:
                     found[(cursor, item.start, item.end)] = (url, item)
         lost = [ids for ids in wanted if ids not in found]
         if lost:
@@ -393,8 +395,7 @@ class SampleStream:
             return
         self._empty_shards += 1
         if self._empty_shards >= 2 * self.plan.shards_per_pass + 10:
-            problem = getattr(self, "_last_problem", "the shards hold no samples")
-            raise DataError(f"no sample can be read from any shard of {self.source}: {problem}")
+            raise DataError(f"no sample can be read from any shard of {self.source}: {self._last_problem}")
 
 
 # -- decoding in workers ----------------------------------------------------------------------------------

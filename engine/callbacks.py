@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from cadenza.engine import dist
 from cadenza.engine.algorithm import Callback
+from cadenza.engine.mfu import flops_per_sample, peak_flops
 from cadenza.engine.registry import CALLBACKS  # noqa: F401 - the registry user callbacks join
 
 if TYPE_CHECKING:
@@ -30,25 +31,37 @@ class TrainMetrics(Callback):
     """Every ``interval`` steps: losses, LR, logit scale and throughput averaged over the window.
 
     Losses are accumulated on the device without synchronizing; the device is synchronized once per
-    window, so samples/s is the real rate over the whole window, not one step's.
+    window, so samples/s is the real rate over the whole window, not one step's. Time between the end
+    of one step and the start of the next (checkpoint saves, evaluation, epoch ends) is not counted.
+
+    ``train/mfu`` is counted FLOPs per sample (forward + backward, see ``engine/mfu.py``) times
+    samples/s per device, over the device's peak (``peak_tflops``, else a measured matmul peak).
 
     Args:
         interval: steps per logging window.
+        peak_tflops: the device's peak in TFLOP/s for ``train/mfu`` (``run.peak_tflops``).
     """
 
-    def __init__(self, interval: int) -> None:
+    def __init__(self, interval: int, peak_tflops: float | None = None) -> None:
         self.interval = max(interval, 1)
+        self.peak_tflops = peak_tflops
+        self._flops_per_sample = 0.0
+        self._peak = 0.0
         self._skipped_before = 0  # data/skipped counted by the runs this one resumed
         self._reset()
 
     def _reset(self) -> None:
         self._window_start = time.perf_counter()
+        self._paused_at: float | None = None
+        self._excluded = 0.0
         self._data_time = 0.0
         self._steps = 0
         self._samples = 0
         self._loss_sums: dict[str, torch.Tensor] = {}
 
     def fit_start(self, state: State, logger: Logger) -> None:
+        self._flops_per_sample = flops_per_sample(state.model, state.precision)
+        self._peak = peak_flops(state.device, state.precision, self.peak_tflops)
         synchronize(state.device)
         self._state = state
         self._reset()
@@ -69,8 +82,14 @@ class TrainMetrics(Callback):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._skipped_before = int(state.get("skipped", 0))
 
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        self._paused_at = time.perf_counter()  # runs before the checkpoint saver and any evaluation
+
     def before_dataloader(self, state: State, logger: Logger) -> None:
         self._data_start = time.perf_counter()
+        if self._paused_at is not None:
+            self._excluded += self._data_start - self._paused_at
+            self._paused_at = None
 
     def after_dataloader(self, state: State, logger: Logger) -> None:
         self._data_time += time.perf_counter() - self._data_start
@@ -86,7 +105,7 @@ class TrainMetrics(Callback):
 
     def _log(self, state: State, logger: Logger) -> None:
         synchronize(state.device)
-        elapsed = time.perf_counter() - self._window_start
+        elapsed = time.perf_counter() - self._window_start - self._excluded
         losses = {name: dist.all_reduce_mean(total / self._steps).item() for name, total in self._loss_sums.items()}
         model = state.model
         metrics = {f"train/{name}": value for name, value in losses.items()}
@@ -96,6 +115,7 @@ class TrainMetrics(Callback):
                 "train/logit_scale": model.logit_scale.exp().item(),
                 "train/samples_per_second": self._samples / elapsed,
                 "train/samples_per_second_per_gpu": self._samples / elapsed / state.dist.world_size,
+                "train/mfu": self._flops_per_sample * self._samples / elapsed / state.dist.world_size / self._peak,
                 "train/data_time": self._data_time / self._steps,
                 "train/batch_time": elapsed / self._steps,
                 "train/epoch": state.timestamp.epoch,
@@ -177,3 +197,7 @@ def contrastive_loss(images: torch.Tensor, texts: torch.Tensor, scale: float, ch
             labels = torch.arange(start, start + len(logits))
             total += F.cross_entropy(logits, labels, reduction="sum").item()
     return total / (2 * len(images))
+
+
+# User-selectable callbacks register themselves on import.
+from cadenza.engine import remote_sync as _remote_sync  # noqa: E402, F401

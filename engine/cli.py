@@ -30,6 +30,9 @@ Train a CLIP model from a YAML config. Overrides use dotted keys, e.g.
 SUBCOMMANDS: dict[str, str] = {
     "convert": "cadenza.datasets.convert",
     "export": "cadenza.models.export",
+    "eval": "cadenza.engine.evaluate",
+    "report": "cadenza.engine.report",
+    "openclip": "cadenza.engine.openclip",
 }
 
 

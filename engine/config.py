@@ -33,6 +33,7 @@ class RunConfig:
     precision: str = "fp32"  # fp32 | amp (fp16 + GradScaler) | amp_bf16 | bf16 | fp16 (weights cast)
     device: str = "auto"  # auto picks cuda when available
     log_interval: str = "10ba"  # how often metrics are computed and written
+    peak_tflops: float | None = None  # per device, for train/mfu; default: measured with a large matmul
 
 
 @dataclass
@@ -92,11 +93,12 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    save_folder: str | None = None  # default <run folder>/checkpoints
+    save_folder: str | None = None  # a local folder or s3://bucket/prefix; default <run folder>/checkpoints
     save_interval: str = "1ep"  # ep | ba | sp | wall-clock (s, m, h)
     keep: int = -1  # numbered checkpoints kept (newest first); -1 keeps all
     save_latest: bool = True  # also keep epoch_latest.pt, the newest checkpoint
-    resume: str | None = None  # a checkpoint path, or 'latest' (newest in save_folder; fresh start if none)
+    resume: str | None = None  # a path, s3:// URI, or 'latest' (newest locally, then in save_folder; fresh start if none)
+    upload_timeout: float = 600.0  # seconds to wait at exit for pending uploads to an s3:// save_folder
 
 
 @dataclass
@@ -118,6 +120,8 @@ class EvalConfig:
 @dataclass
 class DistConfig:
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    find_unused_parameters: bool = False  # DDP: needed only when some trainable parameters get no gradient
+    static_graph: bool = False  # DDP: the graph is the same every step (helps with grad checkpointing)
 
 
 @dataclass
@@ -303,7 +307,7 @@ def _check_values(cfg: DictConfig) -> None:
     for section, registry, runtime in (
         ("algorithms", ALGORITHMS, ()),
         ("loggers", LOGGERS, LOGGER_RUNTIME_ARGS),
-        ("callbacks", CALLBACKS, ()),
+        ("callbacks", CALLBACKS, CALLBACK_RUNTIME_ARGS),
     ):
         for name, args in cfg[section].items():
             registry.check_args(name, OmegaConf.to_container(args), f"{section}.{name}", runtime=runtime)
@@ -313,5 +317,5 @@ def _check_values(cfg: DictConfig) -> None:
 
 #: arguments a dataset builder gets from the trainer, never from YAML
 DATASET_RUNTIME_ARGS = ("image_size", "context_length", "vocab_size", "seed", "context")
-#: arguments a logger gets from the trainer
-LOGGER_RUNTIME_ARGS = ("run_dir",)
+#: arguments a logger or callback gets from the trainer
+LOGGER_RUNTIME_ARGS = CALLBACK_RUNTIME_ARGS = ("run_dir",)

@@ -62,7 +62,10 @@ def launch(launcher: list[str], rest: list[str]) -> int:
 
     if "--nnodes" not in launcher and "--rdzv-endpoint" not in launcher and "--master-port" not in launcher:
         launcher = ["--standalone", *[a for a in launcher if a != "--standalone"]]  # one node: a free port
-    args = get_args_parser().parse_args([*launcher, "-m", "cadenza.engine.cli", *rest])
+    args = get_args_parser().parse_args([*launcher, "-m", "cadenza.engine.cli"])
+    # The worker's arguments are set apart from torchrun's parser: it would read e.g. OpenCLIP's --logs as an
+    # abbreviation of its own --logs-specs and stop.
+    args.training_script_args = list(rest)
     try:
         run(args)
     except ChildFailedError as error:

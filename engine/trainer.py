@@ -9,7 +9,6 @@ import inspect
 import logging
 import random
 import time
-from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,17 +23,20 @@ from cadenza.datasets.loader import ResumableLoader
 from cadenza.datasets.transforms import image_transform
 from cadenza.engine import dist
 from cadenza.engine.callbacks import RetrievalEvaluator, TrainMetrics
-from cadenza.engine.checkpoint import CheckpointSaver, find_latest, load_checkpoint
+from cadenza.engine.checkpoint import CheckpointSaver, find_latest, load_checkpoint, resolve_resume
 from cadenza.engine.config import to_yaml
 from cadenza.engine.engine import Engine, check_algorithms
 from cadenza.engine.errors import ConfigError, TrainingError
 from cadenza.engine.event import Event
 from cadenza.engine.logger import Logger, setup_logging
+from cadenza.engine.object_store import is_remote
 from cadenza.engine.optim import build_optimizer, build_scheduler
+from cadenza.engine.precision import autocast_context, weights_dtype
 from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, MODELS
 from cadenza.engine.state import State
 from cadenza.engine.time import Time
 from cadenza.engine.zero_shot import build_zero_shot
+from cadenza.models.losses import LOSS_MODEL_INIT
 from cadenza.models.tokenizer import get_tokenizer
 
 log = logging.getLogger("cadenza")
@@ -56,20 +58,6 @@ def resolve_device(name: str, info: dist.DistInfo) -> torch.device:
         torch.cuda.set_device(info.local_rank)
         return torch.device("cuda", info.local_rank)
     return torch.device("cpu")
-
-
-def autocast_context(precision: str, device: torch.device):
-    """Mixed precision: ``amp`` is fp16 autocast (with a GradScaler), ``amp_bf16`` bf16 autocast."""
-    if precision == "amp":
-        return torch.autocast(device.type, dtype=torch.float16)
-    if precision == "amp_bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def weights_dtype(precision: str) -> torch.dtype:
-    """``bf16`` / ``fp16`` cast the weights themselves; every other precision keeps fp32 weights."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 def default_run_name(cfg: DictConfig) -> str:
@@ -99,9 +87,8 @@ class Trainer:
 
         # The model, seeded identically on every rank, before anything that holds its parameters.
         seed_everything(cfg.run.seed)
-        model = MODELS.build(
-            cfg.model.name, {"pretrained": cfg.model.pretrained, "overrides": _plain(cfg.model.overrides)}, "model"
-        )
+        overrides = {**LOSS_MODEL_INIT.get(cfg.loss.name, {}), **_plain(cfg.model.overrides)}
+        model = MODELS.build(cfg.model.name, {"pretrained": cfg.model.pretrained, "overrides": overrides}, "model")
         model = model.to(device=device, dtype=weights_dtype(cfg.run.precision))
         seed_everything(cfg.run.seed + info.rank)
 
@@ -125,7 +112,7 @@ class Trainer:
         destinations = [LOGGERS.build(n, a, f"loggers.{n}", run_dir=self.run_dir) for n, a in cfg.loggers.items()]
         self.logger = Logger(destinations, is_main=info.is_main)
         state.callbacks = self._builtin_callbacks(state) + destinations
-        state.callbacks += [CALLBACKS.build(n, a, f"callbacks.{n}") for n, a in cfg.callbacks.items()]
+        state.callbacks += [self._build_callback(n, a) for n, a in cfg.callbacks.items()]
         state.callbacks += list(callbacks or [])
         self.engine = Engine(state, self.logger)
         self.state = state
@@ -221,7 +208,12 @@ class Trainer:
         if info.world_size == 1:
             return model
         device_ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=device_ids,
+            find_unused_parameters=self.cfg.dist.find_unused_parameters,
+            static_graph=self.cfg.dist.static_graph,
+        )
 
     def _build_loss(self, cfg: DictConfig) -> nn.Module:
         from cadenza.models.losses import LOSSES, build_loss
@@ -242,16 +234,17 @@ class Trainer:
             interval = Time.parse(cfg.run.log_interval, "run.log_interval").to_batches(
                 state.batches_per_epoch, state.samples_per_batch, state.max_batches
             )
-            folder = cfg.checkpoint.save_folder or str(self.run_dir / "checkpoints")
-            callbacks.append(TrainMetrics(interval))
+            callbacks.append(TrainMetrics(interval, cfg.run.peak_tflops))
             callbacks.append(
                 CheckpointSaver(
-                    folder,
+                    self.checkpoint_folder,
                     cfg.checkpoint.save_interval,
                     cfg.checkpoint.keep,
                     cfg.checkpoint.save_latest,
                     self.run_name,
                     to_yaml(cfg),
+                    remote=self.checkpoint_remote,
+                    upload_timeout=cfg.checkpoint.upload_timeout,
                 )
             )
         if state.eval_loader is not None:
@@ -262,6 +255,11 @@ class Trainer:
         if zero_shot is not None:
             callbacks.append(zero_shot)
         return callbacks
+
+    def _build_callback(self, name: str, args: DictConfig):
+        accepted = inspect.signature(CALLBACKS.get(name, f"callbacks.{name}")).parameters
+        runtime = {"run_dir": self.run_dir} if "run_dir" in accepted else {}
+        return CALLBACKS.build(name, _plain(args), f"callbacks.{name}", **runtime)
 
     def _log_setup(self, state: State) -> None:
         params = sum(p.numel() for p in state.model.parameters())
@@ -288,18 +286,27 @@ class Trainer:
             )
         self.logger.log_hyperparameters(OmegaConf.to_container(self.cfg))
 
+    @property
+    def checkpoint_remote(self) -> str | None:
+        """The object store checkpoints are uploaded to (``checkpoint.save_folder: s3://...``)."""
+        folder = self.cfg.checkpoint.save_folder
+        return folder if is_remote(folder) else None
+
+    @property
+    def checkpoint_folder(self) -> Path:
+        """Where checkpoints are written locally (the staging folder when uploading)."""
+        folder = self.cfg.checkpoint.save_folder
+        return Path(folder) if folder and not is_remote(folder) else self.run_dir / "checkpoints"
+
     def _resume(self) -> None:
         resume = self.cfg.checkpoint.resume
         if resume is None:
             return
-        if resume == "latest":
-            folder = Path(self.cfg.checkpoint.save_folder or self.run_dir / "checkpoints")
-            path = find_latest(folder)
-            if path is None:
-                log.info("checkpoint.resume=latest: no checkpoint in %s, starting from scratch", folder)
-                return
-        else:
-            path = Path(resume)
+        path = resolve_resume(resume, self.checkpoint_folder, self.checkpoint_remote)
+        if path is None:
+            where = " or ".join(filter(None, [str(self.checkpoint_folder), self.checkpoint_remote]))
+            log.info("checkpoint.resume=latest: no checkpoint in %s, starting from scratch", where)
+            return
         self.load(path)
 
     def load(self, path: str | Path) -> None:
@@ -411,8 +418,7 @@ class Trainer:
         if torch.isfinite(loss).item():
             return
         ts = self.state.timestamp
-        folder = Path(self.cfg.checkpoint.save_folder or self.run_dir / "checkpoints")
-        latest = find_latest(folder)
+        latest = find_latest(self.checkpoint_folder)
         where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
         raise TrainingError(
             f"the loss is {loss.item()} at step {ts.batch + 1} (epoch {ts.epoch}); training stopped before the "

@@ -12,6 +12,8 @@ image_mean: [...]         # the normalization the model's image transforms use
 image_std: [...]
 vision: {...}             # TimmImageTower's arguments
 text: {...}               # TextTransformer's arguments
+init_logit_scale: 2.659   # optional: ln(1/0.07) by default
+init_logit_bias: -10.0    # optional: gives the model a logit bias (SigLIP); none by default
 ```
 """
 
