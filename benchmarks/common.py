@@ -92,32 +92,33 @@ def run_openclip(
 def run_cadenza(model: str, batch: int, precision: str, steps: int, workers: int, extra: list[str] = ()) -> list[float]:
     """Per-step samples/s of ``composer`` on synthetic data (metrics every step, device synchronized)."""
     with tempfile.TemporaryDirectory() as logs:
-        command = [
-            sys.executable,
-            "-m",
-            "cadenza.engine.cli",
-            str(ROOT / "yamls" / "tiny.yaml"),
-            f"model.name={model}",
-            f"data.batch_size={batch}",
-            f"run.precision={precision}",
-            f"run.duration={steps}ba",
-            f"data.train.num_samples={batch * steps}",
-            "data.val=null",
-            f"data.workers={workers}",
-            "run.device=auto",
-            "run.log_interval=1ba",
-            "optim.warmup=1ba",
-            f"run.logs={logs}",
-            "checkpoint.save_interval=100000ba",
-            "loggers.console=null",
-            "checkpoint.save_latest=false",
-            *extra,
-        ]
+        command = [sys.executable, "-m", "cadenza.engine.cli", str(ROOT / "yamls" / "tiny.yaml")]
+        command += [*speed_run_overrides(model, batch, precision, steps, workers, logs), *extra]
         result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
         if result.returncode != 0:
             raise RuntimeError(f"composer failed:\n{(result.stdout + result.stderr)[-3000:]}")
         rows = [json.loads(line) for line in (Path(logs) / "tiny" / "metrics.jsonl").read_text().splitlines()]
         return [row["train/samples_per_second"] for row in rows if "train/samples_per_second" in row]
+
+
+def speed_run_overrides(model: str, batch: int, precision: str, steps: int, workers: int, logs: str) -> list[str]:
+    """``yamls/tiny.yaml`` turned into a speed run: synthetic data, metrics every step, no eval or saves."""
+    return [
+        f"model.name={model}",
+        f"data.batch_size={batch}",
+        f"run.precision={precision}",
+        f"run.duration={steps}ba",
+        f"data.train.num_samples={batch * steps}",
+        "data.val=null",
+        f"data.workers={workers}",
+        "run.device=auto",
+        "run.log_interval=1ba",
+        "optim.warmup=1ba",
+        f"run.logs={logs}",
+        "checkpoint.save_interval=100000ba",
+        "loggers.console=null",
+        "checkpoint.save_latest=false",
+    ]
 
 
 def steady(rates: list[float], warmup: int) -> float:

@@ -21,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import speed_run_overrides  # noqa: E402
+
 VARIANTS = {
     "baseline": [],
     "grad_checkpointing": ["algorithms.grad_checkpointing={}"],
@@ -58,20 +60,9 @@ def worker(overrides: list[str]) -> None:
 
 def run_variant(settings: dict, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as logs:
+        s = settings
         overrides = [
-            f"model.name={settings['model']}",
-            f"data.batch_size={settings['batch']}",
-            f"run.precision={settings['precision']}",
-            f"run.duration={settings['steps']}ba",
-            f"data.train.num_samples={settings['batch'] * settings['steps']}",
-            "data.val=null",
-            f"data.workers={settings['workers']}",
-            "run.device=auto",
-            "run.log_interval=1ba",
-            "optim.warmup=1ba",
-            f"run.logs={logs}",
-            "checkpoint.save_interval=100000ba",
-            "loggers.console=null",
+            *speed_run_overrides(s["model"], s["batch"], s["precision"], s["steps"], s["workers"], logs),
             *extra,
         ]
         result = subprocess.run(
