@@ -1,0 +1,143 @@
+"""Every config in ``yamls/`` trains 2 steps on CPU, and the command on its first line loads.
+
+What is changed for the run, and only that:
+
+- ``data.train`` becomes ``{type: synthetic, num_samples: 4}`` with ``data.batch_size: 2`` and no worker processes;
+  ``data.val`` and ``eval.zero_shot`` are switched off (the files name real datasets);
+- the run is 2 steps (``run.duration: 2ba``), on CPU, in a temporary folder, with ``run.peak_tflops`` set (the MFU
+  peak is otherwise measured with a large matmul in the run's precision: minutes in fp16 on a CPU);
+- models too big for a CPU test become the tiny model of the same family (``MODELS``): ViTs → ``tiny-vit``,
+  ResNets → ``tiny-rn``, ConvNeXt → ``tiny-convnext``; ``tiny.yaml`` and ``quickstart.yaml`` keep theirs;
+- pretrained tags (``laion2b_s34b_b79k``, the distillation teacher's ``openai``) become a local OpenCLIP file of the
+  tiny model, written by ``open_clip``; ``s3://my-bucket`` becomes a bucket on moto's S3 server; W&B is disabled.
+
+Everything else — precision, loss, optimizer, algorithms, checkpointing and their interpolations — is the file's.
+``coca_vitb32.yaml`` cannot load until the model zoo has ``coca_ViT-B-32`` (``PENDING``).
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cadenza.engine.config import build_config, load_config
+from cadenza.engine.errors import ConfigError
+from cadenza.engine.trainer import Trainer
+
+from .conftest import ROOT
+
+YAMLS = sorted((ROOT / "yamls").rglob("*.yaml"))
+#: the tiny model each file trains with here (files not listed keep their model)
+MODELS = {
+    "vitb32.yaml": "tiny-vit",
+    "vitb16.yaml": "tiny-vit",
+    "vitl14.yaml": "tiny-vit",
+    "siglip_vitb16.yaml": "tiny-vit",
+    "distill_vitb32_from_vitl14.yaml": "tiny-vit",
+    "finetune_vitb32.yaml": "tiny-vit",
+    "small_experiment.yaml": "tiny-vit",
+    "laion400m_vitb16.yaml": "tiny-vit",
+    "rn50.yaml": "tiny-rn",
+    "rn101.yaml": "tiny-rn",
+    "convnext_base.yaml": "tiny-convnext",
+    "coca_vitb32.yaml": "tiny-vit",
+}
+#: files that cannot load yet, and the key that fails
+PENDING = {"coca_vitb32.yaml": "model.name"}  # no coca_ViT-B-32 architecture in the model zoo yet
+
+
+@pytest.fixture(scope="module")
+def openclip_tiny_vit(tmp_path_factory) -> str:
+    """An OpenCLIP checkpoint of tiny-vit, written by open_clip (stands in for the files' pretrained tags)."""
+    open_clip = pytest.importorskip("open_clip")
+    from cadenza.models import create_model
+    from cadenza.models.convert import openclip_model_config
+
+    with torch.device("meta"):
+        config = openclip_model_config(create_model("tiny-vit"))
+    path = tmp_path_factory.mktemp("openclip") / "tiny-vit.pt"
+    torch.save(open_clip.CLIP(**config).state_dict(), path)
+    return str(path)
+
+
+def header_command(path: Path) -> list[str]:
+    """The ``composer ... yamls/<file>`` command in the file's leading comment."""
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        if f"yamls/{path.name}" not in line:
+            continue
+        command = line.removeprefix("#").split("(")[0]  # a parenthesised note may follow the command
+        words = shlex.split(command, comments=True)
+        if "composer" in words:
+            return words[words.index("composer") :]
+    raise AssertionError(f"{path.name}: its leading comment does not say `composer ... yamls/{path.name}`")
+
+
+def test_every_file_starts_with_the_command_that_runs_it():
+    for path in YAMLS:
+        words = header_command(path)
+        at = words.index(f"yamls/{path.name}")
+        if path.name in PENDING:
+            with pytest.raises(ConfigError) as info:
+                load_config(ROOT / words[at], words[at + 1 :])
+            assert info.value.key == PENDING[path.name]
+        else:
+            load_config(ROOT / words[at], words[at + 1 :])
+
+
+def test_every_file_groups_its_keys():
+    for path in YAMLS:
+        text = path.read_text()
+        for heading in ("# Model", "# Data", "# Optimization"):
+            assert f"\n{heading}\n" in text, f"{path.name}: no '{heading}' heading"
+
+
+def tiny_run(path: Path, tmp_path: Path, pretrained: str, bucket: str | None) -> object:
+    cfg = OmegaConf.load(path)
+    text = OmegaConf.to_yaml(cfg)
+    if bucket is not None:
+        cfg = OmegaConf.create(text.replace("s3://my-bucket", f"s3://{bucket}"))
+    cfg.run.logs = str(tmp_path / "logs")
+    cfg.run.duration = "2ba"
+    cfg.run.device = "cpu"
+    cfg.run.peak_tflops = 1.0
+    cfg.data.train = {"type": "synthetic", "num_samples": 4}
+    cfg.data.val = None
+    cfg.data.batch_size = 2
+    cfg.data.workers = 0
+    if OmegaConf.select(cfg, "eval.zero_shot") is not None:
+        cfg.eval.zero_shot.path = None
+    if path.name in MODELS:
+        cfg.model.name = MODELS[path.name]
+    if OmegaConf.select(cfg, "model.pretrained"):
+        cfg.model.pretrained = pretrained
+    if OmegaConf.select(cfg, "algorithms.distillation"):
+        cfg.algorithms.distillation.teacher = "tiny-vit"
+        cfg.algorithms.distillation.pretrained = pretrained
+    return Trainer(build_config(cfg)).fit()
+
+
+@pytest.mark.parametrize("path", [p for p in YAMLS if p.name not in PENDING], ids=lambda p: p.name)
+def test_every_file_trains_two_steps(path, tmp_path, openclip_tiny_vit, request, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    bucket = request.getfixturevalue("s3_bucket") if "s3://" in path.read_text() else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a loaded 2-core machine: one thread is several times faster
+    try:
+        state = tiny_run(path, tmp_path, openclip_tiny_vit, bucket)
+    finally:
+        torch.set_num_threads(threads)
+    assert state.timestamp.batch == 2
+    assert torch.isfinite(state.loss)
+
+
+def test_pending_files_fail_for_the_reason_given():
+    for name, key in PENDING.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(ROOT / "yamls" / name)
+        assert info.value.key == key
