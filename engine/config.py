@@ -97,7 +97,9 @@ class CheckpointConfig:
     save_interval: str = "1ep"  # ep | ba | sp | wall-clock (s, m, h)
     keep: int = -1  # numbered checkpoints kept (newest first); -1 keeps all
     save_latest: bool = True  # also keep epoch_latest.pt, the newest checkpoint
-    resume: str | None = None  # a path, s3:// URI, or 'latest' (newest locally, then in save_folder; fresh start if none)
+    resume: str | None = (
+        None  # a path, s3:// URI, or 'latest' (newest locally, then in save_folder; fresh start if none)
+    )
     upload_timeout: float = 600.0  # seconds to wait at exit for pending uploads to an s3:// save_folder
 
 
@@ -106,8 +108,8 @@ class ZeroShotConfig:
     """Zero-shot classification on an image folder (``engine/zero_shot.py``); off while ``path`` is unset."""
 
     path: str | None = None  # <path>/<class>/<image>, classes in sorted folder order
-    classnames: Any = None  # a list or a file (one per line), in folder order; default the folder names
-    templates: list[str] | None = None  # prompts with '{}' for the class name; default OpenAI's 7 ImageNet ones
+    classnames: Any = None  # a list, a file (one per line) or 'imagenet', in folder order; default see README
+    templates: Any = None  # 'openai' (80, the default), 'simple' (7), a file, or a list of prompts with '{}'
     name: str = "imagenet"  # metric prefix: val/<name>-zeroshot-val-top1 / -top5
 
 
@@ -301,9 +303,13 @@ def _check_values(cfg: DictConfig) -> None:
         raise ConfigError(
             "data.train", "nothing to do: set data.train (to train), or data.val or eval.zero_shot.path (to evaluate)."
         )
-    for template in cfg.eval.zero_shot.templates or ():
-        if "{}" not in template:
-            raise ConfigError("eval.zero_shot.templates", f"{template!r} has no '{{}}' for the class name.")
+    templates = cfg.eval.zero_shot.templates
+    if templates is not None:
+        from cadenza.engine.zero_shot import load_templates
+
+        if not isinstance(templates, str) and not OmegaConf.is_list(templates):
+            raise ConfigError("eval.zero_shot.templates", f"expected a set name, a file or a list, got {templates!r}.")
+        load_templates(templates if isinstance(templates, str) else list(templates))
     for section, registry, runtime in (
         ("algorithms", ALGORITHMS, ()),
         ("loggers", LOGGERS, LOGGER_RUNTIME_ARGS),

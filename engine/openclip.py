@@ -107,7 +107,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--csv-separator", "\t", str, "data.train.csv_separator, data.val.csv_separator", "csv only; escapes such as `\\t` are decoded (pandas, in OpenCLIP, reads them as a regex)"),
     Flag("--csv-img-key", "filepath", str, "data.train.csv_img_key, data.val.csv_img_key", "csv only"),
     Flag("--csv-caption-key", "title", str, "data.train.csv_caption_key, data.val.csv_caption_key", "csv only"),
-    Flag("--imagenet-val", None, str, "eval.zero_shot.path", "with `eval.zero_shot.name: imagenet`; class names are the folder names unless `eval.zero_shot.classnames` is set; Cadenza's default prompt templates"),
+    Flag("--imagenet-val", None, str, "eval.zero_shot.path", "with `eval.zero_shot.name: imagenet`; WordNet-id folders get OpenAI's ImageNet class names, scored with OpenAI's 80 templates, as in OpenCLIP"),
     Flag("--imagenet-v2", None, str, None, "`eval.zero_shot` holds one image folder (`--imagenet-val`)"),
     Flag("--cache-dir", None, str, None, "no key for it: set `HF_HOME` (OpenCLIP tags) or `CADENZA_CACHE` (s3:// weights) in the environment"),
     Flag("--logs", "./logs/", str, "run.logs", "`none` is an error: Cadenza always writes the run folder"),

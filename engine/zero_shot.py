@@ -6,6 +6,12 @@ image's logits are ``100 * image_embedding @ class_embeddings.T``. Reports OpenC
 ``val/<name>-zeroshot-val-top1`` and ``-top5``, at ``eval.interval`` and at the end of training, with or
 without ``data.val``. Images are split over processes and the counts summed.
 
+ImageNet ships as data (``engine/zero_shot_data/``, from OpenAI's CLIP notebook, MIT licence): the 1000 class
+names OpenAI curated, in class-index order, and their 80 prompt templates (``openai``, the default, as in
+OpenCLIP's ImageNet evaluation) and the 7-prompt subset (``simple``). Folders named by WordNet id
+(``n01440764``, ImageNet's layout) are named from that list through timm's ImageNet synset table, so an
+ImageNet validation folder needs no class-name file; a subset of ImageNet's classes works too.
+
 Example:
     >>> import torch
     >>> text = torch.nn.functional.normalize(torch.randn(2, 3, 8), dim=-1)  # (classes, templates, D)
@@ -16,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,17 +43,48 @@ if TYPE_CHECKING:
 log = logging.getLogger("cadenza")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DATA = Path(__file__).parent / "zero_shot_data"
+#: named template sets for ``eval.zero_shot.templates``
+TEMPLATE_SETS = {"openai": "openai_imagenet_templates.txt", "simple": "simple_imagenet_templates.txt"}
+WORDNET_ID = re.compile(r"n\d{8}")
 
-#: OpenAI's short ensemble of ImageNet prompts (the 7 of their notebook); the 80 come with issue 8
-OPENAI_SHORT_TEMPLATES = (
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-)
+
+def _lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def imagenet_classnames() -> dict[str, str]:
+    """ImageNet-1k WordNet id → OpenAI's class name, in class-index order (timm's synset table gives the ids)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    names = _lines(DATA / "imagenet_classnames.txt")
+    return {info.index_to_label_name(i): name for i, name in enumerate(names)}
+
+
+def load_templates(templates: str | Sequence[str] | None) -> list[str]:
+    """Prompt templates: a named set (``openai``, 80 prompts, the default; ``simple``, 7), a file with one per
+    line, or a list. Each must hold ``{}`` for the class name."""
+    if templates is None:
+        templates = "openai"
+    if isinstance(templates, str):
+        if templates in TEMPLATE_SETS:
+            templates = _lines(DATA / TEMPLATE_SETS[templates])
+        elif Path(templates).is_file():
+            templates = _lines(Path(templates))
+        else:
+            raise ConfigError(
+                "eval.zero_shot.templates",
+                f"'{templates}' is neither a template set ({', '.join(TEMPLATE_SETS)}) nor a file; give one of "
+                "those or a list of prompts with '{}' for the class name.",
+            )
+    templates = [str(t) for t in templates]
+    if not templates:
+        raise ConfigError("eval.zero_shot.templates", "empty: give at least one prompt with '{}' for the class name.")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ConfigError("eval.zero_shot.templates", f"{bad[0]!r} has no '{{}}' for the class name.")
+    return templates
 
 
 def build_classifier_weights(text_features: torch.Tensor) -> torch.Tensor:
@@ -62,14 +100,21 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] =
 
 
 def read_classnames(classnames: str | Sequence[str] | None, folders: list[str]) -> list[str]:
-    """Class names in folder order: the given list, a file with one name per line, or the folder names."""
+    """Class names in folder order: the given list, a file with one name per line, ``imagenet`` (OpenAI's 1000
+    names), or — unset — OpenAI's names for WordNet-id folders of ImageNet-1k, else the folder names."""
     if classnames is None:
+        if all(WORDNET_ID.fullmatch(name) for name in folders):
+            known = imagenet_classnames()
+            if all(name in known for name in folders):
+                return [known[name] for name in folders]
         return [name.replace("_", " ") for name in folders]
-    if isinstance(classnames, str):
+    if classnames == "imagenet":
+        classnames = list(imagenet_classnames().values())
+    elif isinstance(classnames, str):
         path = Path(classnames)
         if not path.is_file():
-            raise ConfigError("eval.zero_shot.classnames", f"'{classnames}' is neither a list nor a file.")
-        classnames = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            raise ConfigError("eval.zero_shot.classnames", f"'{classnames}' is neither a list, a file, nor 'imagenet'.")
+        classnames = _lines(path)
     names = [str(name) for name in classnames]
     if len(names) != len(folders):
         raise ConfigError(
@@ -128,8 +173,9 @@ class ZeroShotEvaluator(Callback):
 
     Args:
         path: ``root/<class>/<image>``.
-        classnames: one name per class folder (sorted order), a file of them, or ``None`` for the folder names.
-        templates: prompts with ``{}`` for the class name; default OpenAI's short ImageNet ensemble.
+        classnames: one name per class folder (sorted order), a file of them, ``imagenet``, or ``None``
+            (``read_classnames``).
+        templates: a template set name, a file, or prompts with ``{}`` for the class name (``load_templates``).
         name: the metric prefix (``imagenet`` → ``val/imagenet-zeroshot-val-top1``).
         transform: PIL image → tensor (the model's evaluation transform).
         tokenizer: prompts → ``(N, L)`` token ids.
@@ -140,17 +186,14 @@ class ZeroShotEvaluator(Callback):
         self,
         path: str,
         classnames: str | Sequence[str] | None,
-        templates: Sequence[str] | None,
+        templates: str | Sequence[str] | None,
         name: str,
         transform: Callable[[Any], torch.Tensor],
         tokenizer: Callable[[list[str]], torch.Tensor],
         batch_size: int = 64,
         workers: int = 0,
     ) -> None:
-        self.templates = list(templates or OPENAI_SHORT_TEMPLATES)
-        bad = [t for t in self.templates if "{}" not in t]
-        if bad:
-            raise ConfigError("eval.zero_shot.templates", f"{bad[0]!r} has no '{{}}' for the class name.")
+        self.templates = load_templates(templates)
         self.dataset = ImageFolderFiles(path, transform)
         self.classnames = read_classnames(classnames, self.dataset.classes)
         self.name = name
@@ -222,7 +265,7 @@ def build_zero_shot(cfg: Any, model: torch.nn.Module, model_name: str, batch_siz
     return ZeroShotEvaluator(
         cfg.path,
         classnames,
-        list(cfg.templates) if cfg.templates is not None else None,
+        cfg.templates if isinstance(cfg.templates, str) or cfg.templates is None else list(cfg.templates),
         cfg.name,
         transform=image_transform(model.image_size, False, model.image_mean, model.image_std),
         tokenizer=get_tokenizer(model_name, context_length=model.context_length),
@@ -231,4 +274,13 @@ def build_zero_shot(cfg: Any, model: torch.nn.Module, model_name: str, batch_siz
     )
 
 
-__all__ = ["OPENAI_SHORT_TEMPLATES", "ZeroShotEvaluator", "build_classifier_weights", "build_zero_shot", "topk_correct"]
+__all__ = [
+    "TEMPLATE_SETS",
+    "ZeroShotEvaluator",
+    "build_classifier_weights",
+    "build_zero_shot",
+    "imagenet_classnames",
+    "load_templates",
+    "read_classnames",
+    "topk_correct",
+]

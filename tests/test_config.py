@@ -86,6 +86,8 @@ def _error(tmp_path: Path, *overrides: str, yaml: str | None = None) -> ConfigEr
         (["optim.scheduler=const-cooldown"], "optim.cooldown", "needs a cooldown"),
         (["run.name=null", "checkpoint.resume=latest"], "checkpoint.resume", "run.name"),
         (["data.train=null", "data.val=null"], "data.train", "nothing to do"),
+        (["eval.zero_shot.templates=openia"], "eval.zero_shot.templates", "neither a template set"),
+        (["eval.zero_shot.templates=[a photo]"], "eval.zero_shot.templates", "has no '{}'"),
         (["optim.grad_clip_norm=2", "+algorithms.gradient_clipping={norm: 1}"], "optim.grad_clip_norm", "not both"),
         (
             ["optim.grad_clip_norm=null", "algorithms.gradient_clipping={norm: 1, value: 1}"],

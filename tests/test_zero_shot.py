@@ -14,7 +14,13 @@ from cadenza.engine.errors import ConfigError
 from cadenza.engine.logger import Logger
 from cadenza.engine.state import State
 from cadenza.engine.trainer import Trainer
-from cadenza.engine.zero_shot import ZeroShotEvaluator, build_classifier_weights, topk_correct
+from cadenza.engine.zero_shot import (
+    ZeroShotEvaluator,
+    build_classifier_weights,
+    imagenet_classnames,
+    load_templates,
+    topk_correct,
+)
 
 COLORS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}  # sorted folder order: blue, green, red
 
@@ -42,10 +48,10 @@ def test_topk_counts():
 class ColorModel(torch.nn.Module):
     """Embeds an image as its mean RGB and a prompt as the RGB of the color word in it: a perfect zero-shot model."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, colors=COLORS):
         super().__init__()
         self.scale = torch.nn.Parameter(torch.ones(()))
-        self.words = {tuple(tokenizer([name])[0, 1:2].tolist())[0]: COLORS[name] for name in COLORS}
+        self.words = {int(tokenizer([name])[0, 1]): color for name, color in colors.items()}  # first token of a name
 
     def encode_image(self, images, normalize=False):
         return torch.nn.functional.normalize(images.mean(dim=(2, 3)), dim=-1)
@@ -76,6 +82,48 @@ def test_evaluator_scores_a_perfect_model_and_follows_the_classnames(tmp_path):
         evaluator(root, classnames=["a", "b"])
     with pytest.raises(ConfigError, match="eval.zero_shot.path.*no class folders"):
         evaluator(tmp_path / "missing")
+
+
+def test_imagenet_names_and_templates_ship_as_data_equal_to_openais():
+    import open_clip.zero_shot_metadata as reference
+
+    names = imagenet_classnames()
+    assert list(names.values()) == list(reference.IMAGENET_CLASSNAMES)
+    assert list(names)[:2] == ["n01440764", "n01443537"] and len(set(names)) == 1000  # sorted WordNet ids
+    assert load_templates(None) == [t("{}") for t in reference.OPENAI_IMAGENET_TEMPLATES]  # the default: all 80
+    assert load_templates("simple") == [t("{}") for t in reference.SIMPLE_IMAGENET_TEMPLATES]
+
+
+def test_template_and_classname_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="eval.zero_shot.templates.*neither a template set"):
+        load_templates("openia")
+    with pytest.raises(ConfigError, match="eval.zero_shot.templates.*has no"):
+        load_templates(["a photo"])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {}.\n\n{}, drawn\n")
+    assert load_templates(str(prompts)) == ["a photo of {}.", "{}, drawn"]
+    root = image_folder(tmp_path / "colors")
+    with pytest.raises(ConfigError, match="eval.zero_shot.classnames.*1000 class names for 3 class folders"):
+        evaluator(root, classnames="imagenet")
+
+
+def test_imagenet_layout_is_named_by_wordnet_id_and_scored_with_the_80_templates(tmp_path):
+    # three ImageNet classes in its layout (WordNet-id folders), each a plain color; no class-name file given
+    classes = {"n01440764": ("tench", (255, 0, 0)), "n01443537": ("goldfish", (0, 255, 0))}
+    classes["n01484850"] = ("great white shark", (0, 0, 255))
+    for wnid, (_, color) in classes.items():
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        Image.fromarray(np.full((12, 12, 3), color, np.uint8)).save(tmp_path / "val" / wnid / f"{wnid}_1.JPEG")
+    zero_shot = evaluator(tmp_path / "val", templates=None)
+    assert zero_shot.classnames == ["tench", "goldfish", "great white shark"]
+    assert len(zero_shot.templates) == 80
+    model = ColorModel(zero_shot.tokenizer, colors=dict(classes.values()))
+    assert zero_shot.evaluate(State(model=model))["val/colors-zeroshot-val-top1"] == 1.0
+    (tmp_path / "val" / "n99999999").mkdir()  # not an ImageNet-1k class: the folder names are used as they are
+    (tmp_path / "val" / "n99999999" / "x.png").write_bytes(
+        (tmp_path / "val" / "n01440764" / "n01440764_1.JPEG").read_bytes()
+    )
+    assert evaluator(tmp_path / "val").classnames == ["n01440764", "n01443537", "n01484850", "n99999999"]
 
 
 def test_evaluator_logs_into_eval_metrics(tmp_path):
