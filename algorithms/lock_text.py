@@ -22,8 +22,11 @@ from cadenza.engine.state import State
 def text_tower_groups(text: nn.Module) -> list[list[nn.Module | nn.Parameter]]:
     """The text tower's lockable groups, first to last."""
     blocks = list(text.transformer.resblocks)
+    embeddings = [text.token_embedding, text.positional_embedding]
+    if getattr(text, "cls_emb", None) is not None:
+        embeddings.append(text.cls_emb)  # CoCa's class token, grouped with the embeddings as OpenCLIP does
     return [
-        [text.token_embedding, text.positional_embedding],
+        embeddings,
         *[[block] for block in blocks[:-1]],
         [blocks[-1], text.ln_final],
         [text.text_projection],

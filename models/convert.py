@@ -11,7 +11,13 @@ OpenCLIP image tower                          Cadenza image tower
 ``VisionTransformer`` (``ViT-*``)             timm ``VisionTransformer`` (``vit_*_clip_224``) + ``proj``
 ``ModifiedResNet`` (``RN50``, ``RN101``)      timm ``ByobNet`` with an attention-pool head (``resnet*_clip``)
 ``TimmModel`` (``convnext_*``)                the same timm model; OpenCLIP's ``head.proj`` is our ``proj``
+``VisionTransformer(attentional_pool=True)``  timm ``VisionTransformer`` without final norm + OpenCLIP's
+(CoCa's, ``coca_ViT-*``)                      ``attn_pool``, ``ln_post`` and ``proj`` (``AttentionalPoolImageTower``)
 ============================================  ============================================================
+
+OpenCLIP's CoCa keeps its towers under ``visual.``, ``text.`` and ``text_decoder.``; Cadenza's CoCa uses the same
+names for ``text.*``, ``text_decoder.*`` and the pooler (``visual.attn_pool.*``, ``visual.ln_post.*``), so only its
+ViT trunk and projection are renamed.
 
 The OpenCLIP → timm direction reuses timm's own converters for OpenAI CLIP checkpoints
 (``timm.models.vision_transformer._convert_openai_clip`` and ``timm.models.byobnet._convert_openai_clip``); the
@@ -32,7 +38,7 @@ from timm.models import vision_transformer as timm_vit
 from torch import nn
 
 from cadenza.models.text import QuickGELU as TextQuickGELU
-from cadenza.models.vision import TimmImageTower
+from cadenza.models.vision import AttentionalPoolImageTower, TimmImageTower
 
 StateDict = dict[str, torch.Tensor]
 
@@ -40,6 +46,7 @@ StateDict = dict[str, torch.Tensor]
 OPENCLIP_NAMES = frozenset(
     {"ViT-B-32", "ViT-B-16", "ViT-L-14", "RN50", "RN101", "convnext_base"}
     | {"ViT-B-32-quickgelu", "ViT-B-16-quickgelu", "ViT-L-14-quickgelu", "RN50-quickgelu", "RN101-quickgelu"}
+    | {"coca_ViT-B-32"}
 )
 
 #: keys of OpenAI / old OpenCLIP checkpoints that hold no weights
@@ -48,9 +55,12 @@ _SHARED = ("logit_scale", "logit_bias")
 
 
 def image_tower_kind(visual: nn.Module) -> str:
-    """``vit`` (OpenCLIP's VisionTransformer), ``resnet`` (its ModifiedResNet) or ``timm`` (its TimmModel)."""
+    """``vit`` (OpenCLIP's VisionTransformer), ``resnet`` (its ModifiedResNet), ``timm`` (its TimmModel) or
+    ``vit_attn_pool`` (its VisionTransformer with an attentional pooler: CoCa's)."""
+    if isinstance(visual, AttentionalPoolImageTower):
+        return "vit_attn_pool"
     if not isinstance(visual, TimmImageTower):
-        raise TypeError(f"expected a TimmImageTower, got {type(visual).__name__}")
+        raise TypeError(f"expected a TimmImageTower or AttentionalPoolImageTower, got {type(visual).__name__}")
     if isinstance(visual.trunk, VisionTransformer):
         return "vit"
     if isinstance(visual.trunk, ByobNet) and isinstance(visual.trunk.head, AttentionPool2d):
@@ -59,13 +69,24 @@ def image_tower_kind(visual: nn.Module) -> str:
 
 
 def is_openclip_state_dict(state_dict: StateDict) -> bool:
-    """True for OpenCLIP's CLIP layout (text tower at the top level), False for Cadenza's (under ``text.``)."""
-    return "token_embedding.weight" in state_dict
+    """True for OpenCLIP's layouts (CLIP: text tower at the top level; CoCa: a ViT with ``conv1``), False for
+    Cadenza's (text tower under ``text.``, image trunk under ``visual.trunk.``)."""
+    return (
+        "token_embedding.weight" in state_dict
+        or "visual.conv1.weight" in state_dict
+        and "text_decoder.ln_final.weight" in state_dict
+    )
+
+
+def is_coca(model: nn.Module) -> bool:
+    return hasattr(model, "text_decoder")
 
 
 # -- OpenCLIP -> Cadenza --------------------------------------------------------------------------------------------
 def openclip_to_cadenza(state_dict: StateDict, model: nn.Module) -> StateDict:
-    """Rename an OpenCLIP CLIP state dict into ``model``'s (a Cadenza CLIP) names and layouts."""
+    """Rename an OpenCLIP CLIP (or CoCa) state dict into ``model``'s (a Cadenza CLIP or CoCa) names and layouts."""
+    if is_coca(model):
+        return _openclip_coca_to_cadenza(state_dict, model)
     out: StateDict = {}
     vision: StateDict = {}
     for key, value in state_dict.items():
@@ -96,6 +117,27 @@ def openclip_to_cadenza(state_dict: StateDict, model: nn.Module) -> StateDict:
                 out[key.replace("visual.head.proj.", "visual.proj.")] = value
             else:
                 raise ValueError(f"OpenCLIP key '{key}' has no Cadenza equivalent (only a linear head.proj is)")
+    return out
+
+
+#: OpenCLIP CoCa image-tower keys outside the ViT trunk, kept under the same names (``proj`` is transposed)
+_POOL_PREFIXES = ("visual.attn_pool.", "visual.ln_post.")
+
+
+def _openclip_coca_to_cadenza(state_dict: StateDict, model: nn.Module) -> StateDict:
+    out: StateDict = {}
+    trunk: StateDict = {}
+    for key, value in state_dict.items():
+        if key in _NON_WEIGHTS or key.endswith("attn_mask"):
+            continue
+        if key == "visual.proj":
+            out["visual.proj.weight"] = value.t().contiguous()  # (E, E) as nn.Linear's (out, in)
+        elif key.startswith(_POOL_PREFIXES) or not key.startswith("visual."):
+            out[key] = value  # text.*, text_decoder.*, logit_scale / logit_bias and the pooler: the same names
+        else:
+            trunk[key] = value
+    converted = timm_vit._convert_openai_clip(trunk, model.visual.trunk, prefix="visual.")
+    out.update({f"visual.trunk.{k}": v for k, v in converted.items()})
     return out
 
 
@@ -130,7 +172,9 @@ _RESNET_TO_OPENCLIP = [
 
 
 def cadenza_to_openclip(state_dict: StateDict, model: nn.Module) -> StateDict:
-    """Rename a Cadenza CLIP state dict (``model``'s) into OpenCLIP's CLIP names and layouts."""
+    """Rename a Cadenza CLIP (or CoCa) state dict (``model``'s) into OpenCLIP's names and layouts."""
+    if is_coca(model):
+        return _cadenza_coca_to_openclip(state_dict, model)
     out: StateDict = {}
     kind = image_tower_kind(model.visual)
     if kind == "vit":
@@ -160,6 +204,27 @@ def cadenza_to_openclip(state_dict: StateDict, model: nn.Module) -> StateDict:
     return out
 
 
+def _cadenza_coca_to_openclip(state_dict: StateDict, model: nn.Module) -> StateDict:
+    _check_openclip_vit(model.visual)
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        if key == "visual.proj.weight":
+            out["visual.proj"] = value.t().contiguous()
+        elif key.startswith(_POOL_PREFIXES) or not key.startswith("visual."):
+            out[key] = value
+        elif key.startswith("visual.trunk."):
+            name = key.removeprefix("visual.trunk.")
+            if name == "cls_token":
+                out["visual.class_embedding"] = value.reshape(-1)  # (1, 1, D) -> (D,)
+            elif name == "pos_embed":
+                out["visual.positional_embedding"] = value[0]  # (1, N, D) -> (N, D)
+            else:
+                out[f"visual.{_rename(name, _VIT_TO_OPENCLIP, key)}"] = value
+        else:
+            raise ValueError(f"Cadenza key '{key}' has no OpenCLIP equivalent")
+    return out
+
+
 def _rename(name: str, table: list, key: str) -> str:
     for pattern, replacement in table:
         renamed, count = re.subn(pattern, replacement, name)
@@ -168,13 +233,16 @@ def _rename(name: str, table: list, key: str) -> str:
     raise ValueError(f"Cadenza key '{key}' has no OpenCLIP equivalent")
 
 
-def _check_openclip_vit(visual: TimmImageTower) -> None:
+def _check_openclip_vit(visual: TimmImageTower | AttentionalPoolImageTower) -> None:
     """OpenCLIP's VisionTransformer is a pre-norm, class-token ViT without patch bias, layer scale or qk-norm."""
     trunk = visual.trunk
     block = trunk.blocks[0]
+    attentional = isinstance(visual, AttentionalPoolImageTower)
     problems = {
         "no class token": trunk.cls_token is None,
-        f"global_pool={trunk.global_pool!r} (OpenCLIP pools the class token)": trunk.global_pool != "token",
+        f"global_pool={trunk.global_pool!r} (OpenCLIP pools the class token)": trunk.global_pool != "token"
+        and not attentional,
+        "a final norm before the attentional pooler": attentional and not isinstance(trunk.norm, nn.Identity),
         "no pre-norm (OpenCLIP's ln_pre)": not isinstance(trunk.norm_pre, nn.LayerNorm),
         "a patch-embedding bias": trunk.patch_embed.proj.bias is not None,
         "register tokens": trunk.reg_token is not None,
@@ -191,6 +259,8 @@ def _check_openclip_vit(visual: TimmImageTower) -> None:
 # -- OpenCLIP model configs -----------------------------------------------------------------------------------------
 def openclip_model_config(model: nn.Module) -> dict[str, Any]:
     """OpenCLIP's model config (``model_configs/<name>.json`` format) that builds ``model``'s architecture."""
+    if is_coca(model):
+        return _openclip_coca_config(model)
     text, visual = model.text, model.visual
     text_quick_gelu = isinstance(text.transformer.resblocks[0].mlp.gelu, TextQuickGELU)
     block = text.transformer.resblocks[0]
@@ -212,6 +282,49 @@ def openclip_model_config(model: nn.Module) -> dict[str, Any]:
     return config
 
 
+def _openclip_coca_config(model: nn.Module) -> dict[str, Any]:
+    """OpenCLIP's CoCa config (``coca_ViT-B-32.json``'s fields) for a Cadenza CoCa."""
+    text, visual, decoder = model.text, model.visual, model.text_decoder
+    quick_gelu = isinstance(text.transformer.resblocks[0].mlp.gelu, TextQuickGELU)
+    vision = _openclip_vision_config(visual, quick_gelu)
+    pooler = visual.attn_pool
+    vision.update(
+        attentional_pool=True,
+        attn_pooler_queries=pooler.query.shape[0],
+        attn_pooler_heads=pooler.attn.num_heads,
+        output_tokens=True,
+    )
+    text_block, decoder_block = text.transformer.resblocks[0], decoder.resblocks[0]
+    config: dict[str, Any] = {
+        "embed_dim": text.text_projection.shape[1],
+        "quick_gelu": quick_gelu,
+        "vision_cfg": vision,
+        "text_cfg": {
+            "context_length": text.context_length,
+            "vocab_size": text.vocab_size,
+            "width": text.transformer.width,
+            "heads": text_block.attn.heads,
+            "layers": len(text.transformer.resblocks),
+            "mlp_ratio": text_block.mlp.c_fc.out_features / text.transformer.width,
+            "embed_cls": True,
+            "output_tokens": True,
+        },
+        "multimodal_cfg": {
+            "context_length": decoder.context_length,
+            "vocab_size": decoder.text_projection.shape[1],
+            "width": decoder.width,
+            "heads": decoder_block.attn.heads,
+            "layers": len(decoder.resblocks),
+            "mlp_ratio": decoder_block.mlp.c_fc.out_features / decoder.width,
+            "attn_pooler_heads": pooler.attn.num_heads,
+        },
+        "custom_text": True,
+    }
+    if model.logit_bias is not None:
+        config["init_logit_bias"] = float(model.logit_bias)
+    return config
+
+
 def openclip_preprocess_config(model: nn.Module) -> dict[str, Any]:
     """OpenCLIP's ``preprocess_cfg`` (as in a Hub ``open_clip_config.json``) for ``model``."""
     return {
@@ -226,7 +339,7 @@ def openclip_preprocess_config(model: nn.Module) -> dict[str, Any]:
 def _openclip_vision_config(visual: TimmImageTower, text_quick_gelu: bool) -> dict[str, Any]:
     kind = image_tower_kind(visual)
     trunk = visual.trunk
-    if kind == "vit":
+    if kind in ("vit", "vit_attn_pool"):
         _check_openclip_vit(visual)
         block = trunk.blocks[0]
         vision_quick_gelu = isinstance(block.mlp.act, QuickGELU)

@@ -5,13 +5,14 @@ mappings merge), so a custom architecture is a known one plus overrides. Values 
 the same file (``img_size: ${vision.image_size}``); interpolation is resolved after the overrides are merged.
 
 ```
-model_type: clip          # which assembly builds it (CLIP; CoCa registers its own)
+model_type: clip          # which assembly builds it: clip (CLIP) or coca (CoCa)
 embed_dim: 512            # the joint image–text space
 quick_gelu: false         # the text tower's activation (OpenAI's sigmoid approximation when true)
 image_mean: [...]         # the normalization the model's image transforms use
 image_std: [...]
-vision: {...}             # TimmImageTower's arguments
+vision: {...}             # TimmImageTower's arguments (CoCa: AttentionalPoolImageTower's)
 text: {...}               # TextTransformer's arguments
+decoder: {...}            # CoCa only: MultimodalDecoder's arguments
 init_logit_scale: 2.659   # optional: ln(1/0.07) by default
 init_logit_bias: -10.0    # optional: gives the model a logit bias (SigLIP); none by default
 ```
@@ -31,9 +32,10 @@ from torch import nn
 from cadenza.engine.errors import ConfigError, suggest
 from cadenza.engine.registry import MODELS
 from cadenza.models.clip import CLIP
+from cadenza.models.coca import CoCa, MultimodalDecoder
 from cadenza.models.pretrained import load_resolved, resolve_pretrained
 from cadenza.models.text import TextTransformer
-from cadenza.models.vision import TimmImageTower
+from cadenza.models.vision import AttentionalPoolImageTower, TimmImageTower
 
 ARCHITECTURE_DIR = Path(__file__).parent / "architectures"
 
@@ -92,8 +94,33 @@ def build_clip(arch: dict[str, Any]) -> CLIP:
     return CLIP(visual, text, **extra)
 
 
+#: the fields a CoCa architecture may have
+COCA_FIELDS = CLIP_FIELDS | {"decoder"}
+
+
+def build_coca(arch: dict[str, Any]) -> CoCa:
+    """Build a CoCa from an architecture dict: CLIP's fields plus ``decoder`` (OpenCLIP's ``multimodal_cfg``)."""
+    check_fields(arch, COCA_FIELDS)
+    embed_dim, quick_gelu = arch["embed_dim"], arch.get("quick_gelu", False)
+    # The decoder reads the text tower's token features and cross-attends to image tokens of size embed_dim.
+    for key in ("text", "decoder"):
+        width = arch[key].get("width")
+        if width != embed_dim:
+            raise ConfigError(
+                f"model.overrides.{key}.width", f"CoCa needs {key}.width equal to embed_dim ({embed_dim}), got {width}"
+            )
+    try:
+        visual = AttentionalPoolImageTower(embed_dim=embed_dim, **arch["vision"])
+        text = TextTransformer(embed_dim=embed_dim, quick_gelu=quick_gelu, embed_cls=True, **arch["text"])
+        decoder = MultimodalDecoder(vocab_size=text.vocab_size, quick_gelu=quick_gelu, **arch["decoder"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ConfigError("model.overrides", f"the architecture cannot be built: {error}") from error
+    extra = {k: arch[k] for k in ("init_logit_scale", "init_logit_bias", "image_mean", "image_std") if k in arch}
+    return CoCa(visual, text, decoder, **extra)
+
+
 #: ``model_type`` in an architecture file -> the function that builds the model from the file's fields
-BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {"clip": build_clip}
+BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {"clip": build_clip, "coca": build_coca}
 
 
 def build_model(arch: dict[str, Any]) -> nn.Module:

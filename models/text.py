@@ -1,7 +1,10 @@
 """The CLIP text tower: a causal transformer over BPE tokens, pooled at the EOT token, then projected.
 
+CoCa's variant (``embed_cls``) appends a learned class token after the caption and pools that instead; it also
+returns the per-token features its multimodal decoder reads.
+
 Parameter names follow OpenCLIP's (``token_embedding``, ``transformer.resblocks.N.attn.in_proj_weight``,
-``ln_final``, ``text_projection``) so that weights move between the two by renaming a prefix only.
+``ln_final``, ``text_projection``, ``cls_emb``) so that weights move between the two by renaming a prefix only.
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ class SelfAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attn_mask`` (boolean, True where a query may attend to a key) replaces ``causal`` when given."""
         batch, length, width = x.shape  # (B, L, D)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3D)
         q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, d)
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, d)
-        return self.out_proj(x.transpose(1, 2).reshape(batch, length, width))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
+        return self.out_proj(x.transpose(1, 2).reshape(batch, length, width))  # (B, H, L, d) -> (B, L, D)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -54,8 +58,8 @@ class ResidualAttentionBlock(nn.Module):
             )
         )
 
-    def forward(self, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal)
+    def forward(self, x: torch.Tensor, causal: bool = True, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -68,12 +72,12 @@ class Transformer(nn.Module):
             [ResidualAttentionBlock(width, heads, mlp_ratio, act_layer) for _ in range(layers)]
         )
 
-    def forward(self, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = True, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, use_reentrant=False)
+                x = checkpoint(block, x, causal, attn_mask, use_reentrant=False)
             else:
-                x = block(x, causal)
+                x = block(x, causal, attn_mask)
         return x
 
 
@@ -86,6 +90,9 @@ class TextTransformer(nn.Module):
         width, heads, layers: transformer size.
         embed_dim: size of the joint image–text space.
         quick_gelu: OpenAI's activation (for OpenAI-trained checkpoints).
+        embed_cls: CoCa's class token, appended after the caption and pooled (its position embedding is one more
+            than ``context_length``); the EOT token is pooled otherwise.
+        pad_id: the padding token id (0, OpenCLIP's tokenizer's); CoCa's attention mask skips padding.
     """
 
     def __init__(
@@ -98,12 +105,16 @@ class TextTransformer(nn.Module):
         embed_dim: int = 512,
         mlp_ratio: float = 4.0,
         quick_gelu: bool = False,
+        embed_cls: bool = False,
+        pad_id: int = 0,
     ) -> None:
         super().__init__()
         self.context_length = context_length
         self.vocab_size = vocab_size
+        self.pad_id = pad_id
         self.token_embedding = nn.Embedding(vocab_size, width)
-        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.cls_emb = nn.Parameter(torch.empty(width)) if embed_cls else None
+        self.positional_embedding = nn.Parameter(torch.empty(context_length + int(embed_cls), width))
         self.transformer = Transformer(width, layers, heads, mlp_ratio, QuickGELU if quick_gelu else nn.GELU)
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
@@ -114,6 +125,8 @@ class TextTransformer(nn.Module):
         width, layers = self.transformer.width, len(self.transformer.resblocks)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
+        if self.cls_emb is not None:
+            nn.init.normal_(self.cls_emb, std=0.01)
         proj_std = (width**-0.5) * ((2 * layers) ** -0.5)
         for block in self.transformer.resblocks:
             nn.init.normal_(block.attn.in_proj_weight, std=width**-0.5)
@@ -126,11 +139,38 @@ class TextTransformer(nn.Module):
         self.transformer.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
-        return set()
+        return set() if self.cls_emb is None else {"cls_emb"}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cls_emb is not None:
+            return self.forward_tokens(tokens)[0]
         length = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:length]  # (B, L, D)
         x = self.ln_final(self.transformer(x, causal=True))
         pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # EOT has the largest id: (B, D)
         return pooled @ self.text_projection  # (B, E)
+
+    def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CoCa's text encoding: the embedding ``(B, E)`` pooled at the class token, and every caption token's
+        features ``(B, L, D)`` (before ``ln_final``, as OpenCLIP's) for the multimodal decoder."""
+        if self.cls_emb is None:
+            raise ValueError("forward_tokens needs the class token (embed_cls=True)")
+        batch, length = tokens.shape
+        x = self.token_embedding(tokens)  # (B, L, D)
+        x = torch.cat([x, self.cls_emb.to(x.dtype).expand(batch, 1, -1)], dim=1)  # (B, L + 1, D)
+        x = x + self.positional_embedding[: length + 1]
+        x = self.transformer(x, attn_mask=self._cls_attention_mask(tokens))
+        pooled = self.ln_final(x[:, -1])  # (B, D): the class token, normed after pooling
+        return pooled @ self.text_projection, x[:, :-1]
+
+    def _cls_attention_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, L + 1, L + 1)``, True where a query may attend to a key: causal, and no padding keys.
+
+        The padding mask is OpenCLIP's legacy one (``correct_cls_mask=False``), which the published CoCa weights were
+        trained with: it is shifted one position right, so key ``j`` is masked when token ``j - 1`` is padding (key 0
+        is always kept, hence every row attends somewhere).
+        """
+        batch, length = tokens.shape
+        causal = torch.ones(length + 1, length + 1, dtype=torch.bool, device=tokens.device).tril()
+        keys = torch.cat([tokens.new_ones(batch, 1, dtype=torch.bool), tokens != self.pad_id], dim=1)  # (B, L + 1)
+        return causal[None, None] & keys[:, None, None, :]

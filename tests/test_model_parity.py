@@ -6,6 +6,9 @@ exported and loaded into that ``open_clip`` model (whose weights were scrambled 
 tensor back) with no missing or unexpected keys, and must agree again. The architecture's sizes must equal
 OpenCLIP's own model config. Each model is built once; the Cadenza one on the meta device, since every tensor comes
 from the conversion.
+
+CoCa (``tiny-coca`` and ``coca_ViT-B-32``, one batch of 2) is checked the same way, plus the decoder's captioning logits
+of ``forward`` and, on the tiny one, greedy captions equal to OpenCLIP's ``generate(generation_type="top_k", top_k=1)``.
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ from cadenza.models.convert import (
 )
 
 open_clip = pytest.importorskip("open_clip")
+from open_clip.coca_model import MultimodalCfg  # noqa: E402
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # noqa: E402
 
 TINY = ("tiny-vit", "tiny-rn", "tiny-convnext")
+COCA = ("tiny-coca", "coca_ViT-B-32")
+CLIP_NAMES = sorted(OPENCLIP_NAMES - set(COCA))
 CAPTIONS = ["a photo of a cat", "an émoji 🐈 &amp; a much longer caption, with punctuation: 3 dogs!"]
 TOLERANCE = 1e-4
 
@@ -53,14 +59,17 @@ def build_openclip(name: str, cadenza_meta: nn.Module) -> nn.Module:
     """OpenCLIP's model by name; the tiny architectures (not OpenCLIP names) from the config we translate."""
     if name in OPENCLIP_NAMES:
         return open_clip.create_model(name, pretrained=None).eval()
-    return open_clip.CLIP(**openclip_model_config(cadenza_meta)).eval()
+    config = openclip_model_config(cadenza_meta)
+    if config.pop("custom_text", False):  # open_clip.create_model's switch to CoCa / CustomTextCLIP
+        return open_clip.CoCa(**config).eval()
+    return open_clip.CLIP(**config).eval()
 
 
 def test_every_openclip_name_is_an_architecture():
     assert OPENCLIP_NAMES <= set(open_clip.list_models())
     from cadenza.models import list_models
 
-    assert OPENCLIP_NAMES | set(TINY) <= set(list_models())
+    assert OPENCLIP_NAMES | set(TINY) | set(COCA) <= set(list_models())
 
 
 def sample_images(size: int) -> torch.Tensor:
@@ -101,7 +110,7 @@ def scramble_(model: nn.Module) -> None:
             tensor.mul_(1.5)
 
 
-@pytest.mark.parametrize("name", sorted(OPENCLIP_NAMES) + list(TINY))
+@pytest.mark.parametrize("name", CLIP_NAMES + list(TINY))
 @torch.no_grad()
 def test_openclip_parity(name):
     torch.manual_seed(0)
@@ -136,3 +145,57 @@ def test_openclip_parity(name):
     assert not result.missing_keys and not result.unexpected_keys
     assert relative_error(image, reference.encode_image(images)) <= TOLERANCE
     assert relative_error(text, reference.encode_text(tokens)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", COCA)
+@torch.no_grad()
+def test_coca_openclip_parity(name, monkeypatch):
+    torch.manual_seed(0)
+    cadenza = build_cadenza(name)
+    reference = build_openclip(name, cadenza)
+    images = sample_images(cadenza.image_size)
+    tokens = get_tokenizer(name, context_length=cadenza.context_length)(CAPTIONS)
+    assert tokens.shape[1] == 76 if name == "coca_ViT-B-32" else 31
+    randomize_(reference, images)
+    reference.text_decoder.text_projection.normal_(std=0.05)  # OpenCLIP leaves it uninitialised (torch.empty)
+
+    if name in OPENCLIP_NAMES:
+        ours, theirs = openclip_model_config(cadenza), open_clip.get_model_config(name)
+        assert CLIPVisionCfg(**ours["vision_cfg"]) == CLIPVisionCfg(**theirs["vision_cfg"])
+        assert CLIPTextCfg(**ours["text_cfg"]) == CLIPTextCfg(**theirs["text_cfg"])
+        assert MultimodalCfg(**ours["multimodal_cfg"]) == MultimodalCfg(**theirs["multimodal_cfg"])
+        assert (ours["embed_dim"], ours["quick_gelu"]) == (theirs["embed_dim"], theirs.get("quick_gelu", False))
+
+    # OpenCLIP -> Cadenza: embeddings, and the decoder's logits against the same labels.
+    converted = openclip_to_cadenza(reference.state_dict(), cadenza)
+    cadenza.load_state_dict({k: v.clone() for k, v in converted.items()}, strict=True, assign=True)
+    expected, out = reference(images, tokens), cadenza(images, tokens)
+    image, text = cadenza.encode_image(images), cadenza.encode_text(tokens)
+    assert relative_error(reference.encode_image(images, normalize=False), image) <= TOLERANCE
+    assert relative_error(reference.encode_text(tokens, normalize=False), text) <= TOLERANCE
+    assert out["logits"].shape == (2, tokens.shape[1] - 1, 49408)
+    for key in ("image_features", "text_features", "logits"):
+        assert relative_error(expected[key], out[key]) <= TOLERANCE, key
+    assert torch.equal(expected["labels"], out["labels"]) and torch.equal(expected["logit_scale"], out["logit_scale"])
+
+    if name == "tiny-coca":  # greedy captions, token for token
+        _enable_open_clip_generate(monkeypatch)
+        assert torch.equal(reference.generate(images, generation_type="top_k", top_k=1), cadenza.generate(images))
+
+    # Cadenza -> OpenCLIP: into the scrambled OpenCLIP model, every key matched, the same outputs.
+    scramble_(reference)
+    result = reference.load_state_dict(cadenza_to_openclip(cadenza.state_dict(), cadenza), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    back = reference(images, tokens)
+    for key in ("image_features", "text_features", "logits"):
+        assert relative_error(out[key], back[key]) <= TOLERANCE, key
+
+
+def _enable_open_clip_generate(monkeypatch) -> None:
+    """open_clip 3.3.0 disables ``generate`` when transformers lacks ``BeamSearchScorer`` (removed in 4.57), although
+    greedy top-k decoding does not use it; give it the warper it needs."""
+    from open_clip import coca_model
+    from transformers import TopKLogitsWarper
+
+    monkeypatch.setattr(coca_model, "_has_transformers", True)
+    monkeypatch.setitem(coca_model.GENERATION_TYPES, "top_k", TopKLogitsWarper)
