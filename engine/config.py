@@ -39,7 +39,7 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny-vit"  # an OpenCLIP architecture name (see README)
-    pretrained: str | None = None  # path to a checkpoint whose 'state_dict' (or itself) holds weights
+    pretrained: str | None = None  # local file, s3:// URI or OpenCLIP tag (e.g. laion2b_s34b_b79k)
     overrides: dict[str, Any] = field(default_factory=dict)  # architecture fields to change
 
 
@@ -48,6 +48,8 @@ class LossConfig:
     name: str = "clip"  # clip | siglip | coca | distill
     local_loss: bool = False  # logits of local rows against all columns: O(B*N) memory
     gather_with_grad: bool = False  # gather features with gradients (exact with local_loss)
+    clip_loss_weight: float | None = None  # coca: weight of the contrastive loss; unset: 1.0 (OpenCLIP's)
+    caption_loss_weight: float | None = None  # coca: weight of the captioning loss; unset: 2.0 (OpenCLIP's)
 
 
 @dataclass
@@ -285,6 +287,7 @@ def _check_values(cfg: DictConfig) -> None:
             "checkpoint.resume", "'latest' needs a fixed run.name, so that a restarted job finds its own run folder."
         )
     MODELS.get(cfg.model.name, "model.name")
+    _resolve_loss(cfg)
     for split in ("train", "val"):
         dataset = cfg.data[split]
         if dataset is None:
@@ -319,6 +322,44 @@ def _check_values(cfg: DictConfig) -> None:
             registry.check_args(name, OmegaConf.to_container(args), f"{section}.{name}", runtime=runtime)
     for name, args in cfg.algorithms.items():
         ALGORITHMS.build(name, OmegaConf.to_container(args), f"algorithms.{name}")  # __init__ only checks its arguments
+
+
+def _resolve_loss(cfg: DictConfig) -> None:
+    """``loss.name`` exists and fits the model; keys the loss does not take stay unset; unset ones it takes get its
+    default (so the resolved config shows them)."""
+    from cadenza.models.factory import get_model_config, list_models
+    from cadenza.models.losses import LOSS_MODEL_TYPES, LOSSES
+
+    name = cfg.loss.name
+    _check_choice("loss.name", name, tuple(LOSSES))
+    accepted = inspect.signature(LOSSES[name]).parameters
+    for schema_field in dataclasses.fields(LossConfig):
+        key, value = schema_field.name, cfg.loss[schema_field.name]
+        if key == "name":
+            continue
+        if key not in accepted:
+            if value != schema_field.default:
+                raise ConfigError(f"loss.{key}", f"has no meaning for loss.name={name}; remove it.")
+        elif value is None:
+            cfg.loss[key] = accepted[key].default
+        elif isinstance(value, float) and value < 0:
+            raise ConfigError(f"loss.{key}", f"must not be negative, got {value}.")
+    if cfg.model.name not in list_models():
+        return  # a model registered by code, not an architecture file
+    model_type = get_model_config(cfg.model.name, OmegaConf.to_container(cfg.model.overrides)).get("model_type", "clip")
+    if LOSS_MODEL_TYPES[name] == model_type:
+        return
+    if model_type == "coca":
+        raise ConfigError(
+            "loss.name",
+            f"model.name={cfg.model.name} is a CoCa model: train it with loss.name=coca (its text decoder learns only "
+            "from the captioning loss; loss.clip_loss_weight and loss.caption_loss_weight set the mix).",
+        )
+    raise ConfigError(
+        "loss.name",
+        f"loss.name={name} trains {LOSS_MODEL_TYPES[name]} models, and model.name={cfg.model.name} is a {model_type} "
+        f"model. CoCa architectures: {', '.join(n for n in list_models() if 'coca' in n)}.",
+    )
 
 
 #: arguments a dataset builder gets from the trainer, never from YAML

@@ -30,6 +30,7 @@ __all__ = [
     "SIGLIP_LOGIT_BIAS_INIT",
     "SIGLIP_LOGIT_SCALE_INIT",
     "LOSSES",
+    "LOSS_MODEL_TYPES",
     "ClipLoss",
     "CoCaLoss",
     "DistillClipLoss",
@@ -481,6 +482,9 @@ LOSSES: dict[str, type[nn.Module]] = {
     "distill": DistillClipLoss,
 }
 """Registry of losses by config name."""
+
+#: the ``model_type`` (of an architecture file) each loss trains: CoCa's loss needs the decoder's logits
+LOSS_MODEL_TYPES: dict[str, str] = {"clip": "clip", "siglip": "clip", "coca": "coca", "distill": "clip"}
 
 #: architecture fields a loss needs at model initialisation (OpenCLIP's SigLIP configs set these)
 LOSS_MODEL_INIT: dict[str, dict[str, float]] = {

@@ -104,3 +104,45 @@ def test_export_keeps_the_normalization_of_the_pretrained_tag(trained, tmp_path,
     assert composer(["export", str(tmp_path / "run.pt"), "--format", "openclip", str(tmp_path / "out")]) == 0
     preprocess = json.loads((tmp_path / "out" / "open_clip_config.json").read_text())["preprocess_cfg"]
     assert preprocess["mean"] == preprocess["std"] == [0.5] * 3
+
+
+@torch.no_grad()
+def assert_same_coca_outputs(cadenza_model, openclip_model) -> None:
+    """Normalized embeddings and the decoder's captioning logits (OpenCLIP's CoCa normalizes by default)."""
+    torch.manual_seed(0)
+    size = cadenza_model.image_size
+    images = torch.randn(2, 3, size, size)
+    tokens = get_tokenizer(context_length=cadenza_model.context_length)(["a diagram", "a dog on a red sofa"])
+    expected, actual = openclip_model.eval()(images, tokens), cadenza_model.eval()(images, tokens)
+    for key in ("image_features", "text_features", "logits", "logit_scale"):
+        torch.testing.assert_close(expected[key], actual[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_export_of_a_trained_coca(tmp_path):
+    """tiny-coca trained 2 steps with loss.name=coca, exported to a folder: OpenCLIP builds a CoCa from its config."""
+    cfg = load_config(
+        TINY,
+        [f"run.logs={tmp_path}", "run.name=coca", "model.name=tiny-coca", "loss.name=coca", "run.duration=2ba"]
+        + ["checkpoint.save_interval=2ba", "data.val=null"],
+    )
+    model = Trainer(cfg).fit().model
+    out = tmp_path / "tiny-coca-openclip"
+    assert composer(["export", str(tmp_path / "coca/checkpoints/ep0-ba2.pt"), "--format", "openclip", str(out)]) == 0
+    loaded = open_clip.create_model(f"local-dir:{out}")
+    assert type(loaded).__name__ == "CoCa"
+    assert_same_coca_outputs(model, loaded)
+
+
+def test_export_of_coca_vit_b_32_loads_by_name(tmp_path):
+    """``open_clip.create_model("coca_ViT-B-32", pretrained=OUT)`` loads the export strictly (no missing or
+    unexpected keys) and gives the same outputs."""
+    torch.manual_seed(0)
+    model = create_model("coca_ViT-B-32").eval()
+    cfg = load_config(TINY, ["model.name=coca_ViT-B-32", "loss.name=coca"])
+    torch.save({"state_dict": model.state_dict(), "config": to_yaml(cfg)}, tmp_path / "coca.pt")
+    out = tmp_path / "coca-openclip.safetensors"
+    assert composer(["export", str(tmp_path / "coca.pt"), "--format", "openclip", str(out)]) == 0
+    (tmp_path / "coca.pt").unlink()  # 1 GB each: pytest keeps the last runs' folders
+    loaded = open_clip.create_model("coca_ViT-B-32", pretrained=str(out))
+    out.unlink()
+    assert_same_coca_outputs(model, loaded)
