@@ -23,10 +23,19 @@ from cadenza.models.losses import ClipLoss, DistillClipLoss
 
 
 def build_teacher(name: str, pretrained: str | None, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """A frozen teacher in eval mode."""
-    from cadenza.models import create_model
+    """A frozen teacher in eval mode. Problems with its weights name the algorithm's keys, not ``model.*``."""
+    from cadenza.models import create_model, load_pretrained
 
-    teacher = create_model(name, pretrained=pretrained).to(device=device, dtype=dtype).eval()
+    try:
+        teacher = create_model(name)
+    except ConfigError as error:
+        raise ConfigError("algorithms.distillation.teacher", str(error).split("': ", 1)[-1]) from error
+    if pretrained:
+        try:
+            load_pretrained(teacher, pretrained, name, name_key="algorithms.distillation.teacher")
+        except ConfigError as error:
+            raise ConfigError("algorithms.distillation.pretrained", str(error).split("': ", 1)[-1]) from error
+    teacher = teacher.to(device=device, dtype=dtype).eval()
     teacher.requires_grad_(False)
     return teacher
 

@@ -45,17 +45,24 @@ _TEXT_POS_EMBED = "text.positional_embedding"
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 
 
-def load_pretrained(model: nn.Module, source: str, name: str | None = None) -> None:
+def load_pretrained(model: nn.Module, source: str, name: str | None = None, name_key: str = "model.name") -> None:
     """Load weights from ``source`` (a file, an ``s3://`` URI or an OpenCLIP tag of architecture ``name``).
+
+    ``name_key`` is the config key that chose ``name`` (a distillation teacher's is not ``model.name``); warnings
+    about the architecture name it.
 
     Raises:
         ConfigError: for ``model.pretrained``, saying what is wrong and what to pass instead.
     """
-    load_resolved(model, resolve_pretrained(source, name), source, name)
+    load_resolved(model, resolve_pretrained(source, name), source, name, name_key)
 
 
 def load_resolved(
-    model: nn.Module, resolved: tuple[Path, dict[str, Any] | None], source: str, name: str | None = None
+    model: nn.Module,
+    resolved: tuple[Path, dict[str, Any] | None],
+    source: str,
+    name: str | None = None,
+    name_key: str = "model.name",
 ) -> None:
     """Load what ``resolve_pretrained(source, name)`` found (``create_model`` resolves before it builds)."""
     path, tag = resolved
@@ -70,7 +77,7 @@ def load_resolved(
     state_dict = resize_pos_embeds(state_dict, model)
     _load_into(model, state_dict, source)
     if tag is not None:
-        _apply_tag(model, tag, source, name)
+        _apply_tag(model, tag, source, name, name_key)
     log.info("loaded pretrained weights from %s", source if path == Path(source) else f"{source} ({path})")
 
 
@@ -201,7 +208,7 @@ def _load_into(model: nn.Module, state_dict: StateDict, source: str) -> None:
         )
 
 
-def _apply_tag(model: nn.Module, tag: dict[str, Any], source: str, name: str | None) -> None:
+def _apply_tag(model: nn.Module, tag: dict[str, Any], source: str, name: str | None, name_key: str) -> None:
     """Use the tag's image normalization; warn when its activation differs from the architecture's."""
     normalization = tag_normalization(name, source)
     if normalization is not None:
@@ -210,11 +217,12 @@ def _apply_tag(model: nn.Module, tag: dict[str, Any], source: str, name: str | N
     if tag.get("quick_gelu", False) != model_quick_gelu:
         other = f"{name}-quickgelu" if tag.get("quick_gelu") else (name or "").removesuffix("-quickgelu")
         log.warning(
-            "%s was trained with%s QuickGELU but %s uses %s: embeddings will be off; use model.name=%s",
+            "%s was trained with%s QuickGELU but %s uses %s: embeddings will be off; use %s=%s",
             source,
             "" if tag.get("quick_gelu") else "out",
             name,
             "QuickGELU" if model_quick_gelu else "GELU",
+            name_key,
             other,
         )
 

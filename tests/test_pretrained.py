@@ -186,6 +186,16 @@ def test_tag_from_the_hub_cache_offline(reference, monkeypatch, tmp_path, caplog
     assert_same_embeddings(reference, model)
     assert (model.image_mean, model.image_std) == ((0.5,) * 3, (0.25,) * 3)
     assert "model.name=tiny-vit-quickgelu" in caplog.text
+    # a distillation teacher's warning names the teacher's key, and its load errors the teacher's weights key
+    from cadenza.algorithms.distillation import build_teacher
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        build_teacher("tiny-vit", "testtag", torch.device("cpu"), torch.float32)
+    assert "use algorithms.distillation.teacher=tiny-vit-quickgelu" in caplog.text
+    with pytest.raises(ConfigError) as info:
+        build_teacher("tiny-vit", "testtagg", torch.device("cpu"), torch.float32)
+    assert info.value.key == "algorithms.distillation.pretrained" and "Did you mean 'testtag'" in str(info.value)
 
 
 def test_unknown_tag_suggests_the_closest():
