@@ -176,8 +176,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--lock-text-unlocked-layers", 0, int, "algorithms.lock_text.unlocked_layers", "needs `--lock-text`"),
     switch("--lock-text-freeze-layer-norm", "algorithms.lock_text.freeze_layer_norm", "needs `--lock-text`; unset, the frozen groups' LayerNorms keep training (OpenCLIP 3.3.0 asserts it is set)"),
     Flag("--log-every-n-steps", 100, int, "run.log_interval", "`N` → `Nba`"),
-    Flag("--coca-caption-loss-weight", 2.0, float, None, "no CoCa loss-weight key: CoCa trains with 2.0", same=(2.0,)),
-    Flag("--coca-contrastive-loss-weight", 1.0, float, None, "no CoCa loss-weight key: CoCa trains with 1.0", same=(1.0,)),
+    Flag("--coca-caption-loss-weight", 2.0, float, "loss.caption_loss_weight", "`coca_*` models; others: an error unless 2.0 (OpenCLIP ignores it)"),
+    Flag("--coca-contrastive-loss-weight", 1.0, float, "loss.clip_loss_weight", "`coca_*` models; others: an error unless 1.0 (OpenCLIP ignores it)"),
     Flag("--remote-sync", None, str, "callbacks.remote_sync.remote", "`<remote>/<run name>`, as OpenCLIP (without `--name`, OpenCLIP's date-model-lr-b-j-p name is set); not with `--resume latest`"),
     Flag("--remote-sync-frequency", 300, int, "callbacks.remote_sync.frequency", "seconds; needs `--remote-sync`"),
     Flag("--remote-sync-protocol", "s3", str, None, "Cadenza syncs with boto3 (S3 and compatible stores), not fsspec", same=("s3",), choices=("s3", "fsspec")),
@@ -333,6 +333,12 @@ def _loss(args, problems: list[str]) -> dict[str, Any]:
     loss: dict[str, Any] = {"name": name}
     if name != "siglip":
         loss.update(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad)
+    weights = {"coca_contrastive_loss_weight": "clip_loss_weight", "coca_caption_loss_weight": "caption_loss_weight"}
+    for dest, key in weights.items():
+        if is_coca:
+            loss[key] = getattr(args, dest)
+        elif getattr(args, dest) != BY_DEST[dest].default:
+            problems.append(f"{BY_DEST[dest].option}: only CoCa models have a captioning loss (OpenCLIP ignores it)")
     return loss
 
 
