@@ -16,14 +16,15 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-from cadenza.engine.precision import autocast_context
+from cadenza.engine.precision import autocast_context, weights_dtype
 
 
 def flops_per_sample(model: nn.Module, precision: str = "fp32", batch: int = 2) -> float:
     """Forward + backward FLOPs of one training sample (frozen parameters get no weight gradients)."""
     meta = {n: torch.empty_like(p, device="meta").requires_grad_(p.requires_grad) for n, p in model.named_parameters()}
     meta.update({n: torch.empty_like(b, device="meta") for n, b in model.named_buffers()})
-    images = torch.zeros(batch, 3, model.image_size, model.image_size, device="meta")
+    dtype = weights_dtype(precision)  # bf16 / fp16 runs feed their images in the weights' dtype
+    images = torch.zeros(batch, 3, model.image_size, model.image_size, dtype=dtype, device="meta")
     tokens = torch.zeros(batch, model.context_length, dtype=torch.long, device="meta")
     # Model FLOPs, not hardware FLOPs: recomputation by activation checkpointing is not counted.
     checkpointed = [m for m in model.modules() if getattr(m, "grad_checkpointing", False) is True]
@@ -47,7 +48,8 @@ class _ForwardBackward(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> None:
         out = self.model(images, tokens)
-        loss = sum(v.float().sum() for k, v in out.items() if k.endswith("features"))
+        # every output with a gradient: the features, and CoCa's captioning logits (its decoder's backward)
+        loss = sum(v.float().sum() for k, v in out.items() if k.endswith("features") or k == "logits")
         if loss.requires_grad:
             loss.backward()
 

@@ -90,3 +90,15 @@ def test_flops_per_sample_counts_model_flops():
     model.set_grad_checkpointing(True)
     assert flops_per_sample(model) == plain  # recomputation is not model FLOPs
     assert model.text.transformer.grad_checkpointing  # and the setting is restored
+
+
+def test_flops_per_sample_of_coca_counts_its_decoder():
+    import torch
+
+    from cadenza.engine.mfu import flops_per_sample
+    from cadenza.models import create_model
+
+    model = create_model("tiny-coca").to(torch.bfloat16)  # run.precision=bf16 casts the weights
+    # the caption head alone: (L - 1) positions x width x vocabulary x 2 FLOPs, forward + backward
+    head = (model.context_length - 1) * 32 * model.vocab_size * 2 * 3
+    assert flops_per_sample(model, "bf16") > head
