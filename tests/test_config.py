@@ -126,6 +126,37 @@ def test_impossible_combinations_fail_before_training(tiny, overrides, key):
     assert info.value.key == key
 
 
+@pytest.mark.parametrize(
+    ("overrides", "key", "message"),
+    [
+        (["loss.caption_loss_weight=2.0"], "loss.caption_loss_weight", "no meaning for loss.name=clip"),
+        (["loss.name=siglip", "loss.clip_loss_weight=1.0"], "loss.clip_loss_weight", "no meaning"),
+        (
+            ["model.name=tiny-coca", "loss.name=coca", "loss.caption_loss_weight=-1"],
+            "loss.caption_loss_weight",
+            "negative",
+        ),
+        (["model.name=tiny-coca"], "loss.name", "is a CoCa model: train it with loss.name=coca"),
+        (["model.name=tiny-coca", "loss.name=siglip"], "loss.name", "is a CoCa model"),
+        (["loss.name=coca"], "loss.name", "loss.name=coca trains coca models.*coca_ViT-B-32, tiny-coca"),
+        (["loss.name=cocaa"], "loss.name", "Did you mean 'coca'"),
+    ],
+)
+def test_loss_keys_and_model_type_are_checked_when_loading(tiny, overrides, key, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        tiny(*overrides)
+    assert info.value.key == key
+
+
+def test_coca_loss_weights_default_to_open_clips_and_are_written(tiny):
+    assert (tiny().loss.clip_loss_weight, tiny().loss.caption_loss_weight) == (None, None)  # not CLIP's keys
+    cfg = tiny("model.name=tiny-coca", "loss.name=coca", "loss.caption_loss_weight=0.5")
+    assert (cfg.loss.clip_loss_weight, cfg.loss.caption_loss_weight) == (1.0, 0.5)
+    assert build_config(OmegaConf.to_container(cfg)) == cfg  # a written config loads back unchanged
+    loss = Trainer(cfg).state.loss_fn
+    assert (loss.clip_loss_weight, loss.caption_loss_weight) == (1.0, 0.5)
+
+
 def test_resolved_config_is_written_and_read_only(tiny, tmp_path):
     cfg = tiny("optim.lr=0.123")
     trainer = Trainer(cfg)
