@@ -76,6 +76,28 @@ def test_openclip_files_of_other_towers(name, tmp_path):
     assert_same_embeddings(reference, create_model(name, pretrained=str(tmp_path / "model.pt")))
 
 
+def test_openclip_coca_file(tmp_path):
+    """An open_clip_train CoCa checkpoint (DDP keys) loads into tiny-coca: the same features and captioning logits;
+    a Cadenza CoCa's own state dict loads back as it is."""
+    with torch.device("meta"):
+        config = openclip_model_config(create_model("tiny-coca"))
+    config.pop("custom_text")
+    torch.manual_seed(1)
+    reference = open_clip.CoCa(**config).eval()
+    with torch.no_grad():
+        reference.text_decoder.text_projection.normal_(std=0.05)  # open_clip leaves it uninitialised
+    torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, tmp_path / "coca.pt")
+    model = create_model("tiny-coca", pretrained=str(tmp_path / "coca.pt")).eval()
+    images, tokens = torch.randn(2, 3, 32, 32), get_tokenizer(context_length=model.context_length)(CAPTIONS)
+    with torch.no_grad():
+        expected, actual = reference(images, tokens), model(images, tokens)
+        for key in ("image_features", "text_features", "logits"):
+            torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5)
+        torch.save(model.state_dict(), tmp_path / "cadenza.pt")
+        again = create_model("tiny-coca", pretrained=str(tmp_path / "cadenza.pt")).eval()
+        torch.testing.assert_close(again(images, tokens)["logits"], actual["logits"])
+
+
 def test_cadenza_checkpoint_through_the_yaml_key(tiny, tmp_path):
     """A Cadenza training checkpoint as ``model.pretrained`` of a new run: the new run starts from its weights."""
     from cadenza.engine.trainer import Trainer
