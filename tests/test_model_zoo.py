@@ -3,7 +3,8 @@
 The tiny architecture of each tower family (ViT, ResNet, ConvNeXt, CoCa) trains 2 steps with the Trainer on synthetic
 data. The OpenCLIP-sized ones take one forward/backward step on a synthetic batch of 2 (2 Trainer steps of ViT-L-14
 take minutes on 2 CPU cores); their embeddings are checked against open_clip in test_model_parity.py. The
-``-quickgelu`` variants differ from their GELU twins only in the activation (parity-tested), so they are not stepped.
+``-quickgelu`` variants differ from their GELU twins only in the activation (parity-tested), so they are not stepped;
+nor is ``coca_ViT-B-32``, built like ``tiny-coca`` (every tensor of which trains here) and parity-tested in full.
 """
 
 from __future__ import annotations
@@ -70,12 +71,12 @@ def test_tiny_architecture_trains_two_steps_from_yaml(name, tiny):
     ]
     assert "visual.trunk.pos_embed" in changed or any(k.startswith("visual.trunk.stem") for k in changed)
     assert "text.token_embedding.weight" in changed and "logit_scale" in changed
-    if loss == "coca":
-        assert {"text.cls_emb", "text_decoder.text_projection", "visual.attn_pool.query"} <= set(changed)
+    if loss == "coca":  # every tensor trains: the pooler, the class token, the decoder (as coca_ViT-B-32's would)
+        assert set(changed) == {k for k, v in before.items() if v.is_floating_point()}
         assert set(state.loss_dict) == {"contrastive_loss", "caption_loss"}
 
 
-@pytest.mark.parametrize("name", sorted(n for n in OPENCLIP_NAMES if not n.endswith("-quickgelu")))
+@pytest.mark.parametrize("name", sorted(n for n in OPENCLIP_NAMES if not n.endswith("-quickgelu") and "coca" not in n))
 def test_openclip_architecture_forward_backward(name, tiny):
     """One step's forward and backward of the model ``model.name=<name>`` builds, on a synthetic batch of 2: every
     parameter gets a finite gradient from the loss it trains with."""
