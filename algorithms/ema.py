@@ -5,6 +5,9 @@ After every optimizer step from ``start`` on: ``ema = decay * ema + (1 - decay) 
 converted). Before ``start`` the average tracks the weights exactly. Buffers (BatchNorm statistics)
 are copied, not averaged. With ``evaluate_with_ema`` evaluation runs on the averaged weights (swapped
 in on ``EVAL_START``, swapped back on ``EVAL_END``). The average is saved in checkpoints.
+
+Under FSDP (``dist.fsdp``) the average is sharded like the weights (each process averages its own
+shards, no extra memory per process); checkpoints hold it gathered, like the weights.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import nn
 
 from cadenza.engine.algorithm import Algorithm
 from cadenza.engine.event import Event
+from cadenza.engine.fsdp import shard_like
 from cadenza.engine.logger import Logger
 from cadenza.engine.registry import ALGORITHMS
 from cadenza.engine.state import State
@@ -32,7 +36,9 @@ def update_ema(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) -> 
     """``ema = decay * ema + (1 - decay) * weights`` for floating parameters; buffers are copied."""
     params = dict(model.named_parameters())
     averaged = [name for name in ema if name in params and ema[name].is_floating_point()]
-    torch._foreach_lerp_([ema[n] for n in averaged], [params[n].detach() for n in averaged], 1.0 - decay)
+    for kind in {type(ema[n]) for n in averaged}:  # one call per tensor type: FSDP's DTensor shards apart
+        names = [n for n in averaged if type(ema[n]) is kind]
+        torch._foreach_lerp_([ema[n] for n in names], [params[n].detach() for n in names], 1.0 - decay)
     for name, buffer in model.named_buffers():
         if name in ema:
             ema[name].copy_(buffer)
@@ -89,8 +95,9 @@ class EMA(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
-            if not self.ema:  # a resumed run has its average from the checkpoint
+            if not self.ema:  # a resumed run has its average from the checkpoint (full tensors: shard them)
                 self.ema = copy_weights(state.model)
+            self.ema = shard_like(self.ema, state.model)
         elif event == Event.AFTER_OPTIMIZER_STEP:
             start = Time.parse(self.start).to_batches(
                 state.batches_per_epoch, state.samples_per_batch, state.max_batches

@@ -3,6 +3,8 @@
 ``norm`` rescales all gradients so their global L2 norm is at most ``norm`` (OpenCLIP's
 ``--grad-clip-norm``, ``torch.nn.utils.clip_grad_norm_``); ``value`` clamps each element to
 ``[-value, value]``. Runs on ``BEFORE_OPTIMIZER_STEP``, after AMP's unscaling, so it sees true gradients.
+Under FSDP (``dist.fsdp``) gradients are ``DTensor`` shards: their norm is reduced over the shards
+and combined with the replicated ones', so the global norm is the one a single process computes.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from cadenza.engine.algorithm import Algorithm
 from cadenza.engine.event import Event
@@ -23,6 +26,8 @@ def clip_gradients(
 ) -> torch.Tensor | None:
     """Clip in place; returns the total norm before clipping when clipping by norm."""
     parameters = [p for p in parameters if p.grad is not None]
+    if norm is not None and any(isinstance(p.grad, DTensor) for p in parameters):
+        return _clip_sharded_grad_norm(parameters, norm)
     if norm is not None:
         return torch.nn.utils.clip_grad_norm_(parameters, norm)
     torch.nn.utils.clip_grad_value_(parameters, value)
@@ -53,3 +58,18 @@ class GradientClipping(Algorithm):
         total = clip_gradients(state.model.parameters(), self.norm, self.value)
         if total is not None:
             state.outputs["grad_norm"] = total.detach()
+
+
+@torch.no_grad()
+def _clip_sharded_grad_norm(parameters: list[torch.nn.Parameter], norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` over a mix of sharded (``DTensor``) and replicated gradients; returns the global norm."""
+    sharded = [p.grad for p in parameters if isinstance(p.grad, DTensor)]
+    replicated = [p.grad for p in parameters if not isinstance(p.grad, DTensor)]
+    squares = [torch.nn.utils.get_total_norm(sharded).full_tensor() ** 2]  # reduced over the shards
+    if replicated:
+        squares.append(torch.nn.utils.get_total_norm(replicated).to(squares[0].device) ** 2)
+    total = torch.stack(squares).sum().sqrt()
+    coefficient = min(norm / (total.item() + 1e-6), 1.0)  # clip_grad_norm_'s rule
+    for grad in sharded + replicated:
+        grad.mul_(coefficient)
+    return total

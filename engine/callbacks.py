@@ -59,8 +59,11 @@ class TrainMetrics(Callback):
         self._samples = 0
         self._loss_sums: dict[str, torch.Tensor] = {}
 
-    def fit_start(self, state: State, logger: Logger) -> None:
+    def init(self, state: State, logger: Logger) -> None:
+        # After the algorithms changed the model, before DDP or FSDP wraps it (FSDP's hooks cannot run on meta).
         self._flops_per_sample = flops_per_sample(state.model, state.precision)
+
+    def fit_start(self, state: State, logger: Logger) -> None:
         self._peak = peak_flops(state.device, state.precision, self.peak_tflops)
         synchronize(state.device)
         self._state = state

@@ -7,6 +7,11 @@ plus ``epoch``, ``name`` and the resolved ``config`` (YAML text). Files are name
 ``ep{epoch}-ba{batch}.pt``, each with a ``.sha256`` sidecar written after it (a checkpoint without
 one is incomplete); ``epoch_latest.pt`` is a copy of the newest. In an object store, ``latest.json``
 names the newest checkpoint and is written only after all of its files are uploaded.
+
+With FSDP the weights and optimizer state are gathered into that same layout (``engine/fsdp.py``),
+unless ``dist.fsdp_state_dict: sharded``: then every rank writes its shards into the folder
+``ep{epoch}-ba{batch}.dcp`` (``torch.distributed.checkpoint``) before rank 0 writes the ``.pt`` file,
+whose ``state_dict`` and ``optimizer`` are ``None`` and whose ``sharded`` names that folder.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 
 from cadenza.engine.algorithm import Callback
 from cadenza.engine.errors import CheckpointError
+from cadenza.engine.fsdp import save_sharded
 from cadenza.engine.object_store import BackgroundTransfers, ObjectStore, get_object_store
 from cadenza.engine.time import Time, TimeUnit
 
@@ -42,6 +48,11 @@ _NAME = re.compile(r"^ep(\d+)-ba(\d+)\.pt$")
 
 def checkpoint_name(epoch: int, batch: int) -> str:
     return f"ep{epoch}-ba{batch}.pt"
+
+
+def sharded_folder(path: Path) -> Path:
+    """The folder of a sharded checkpoint's weights and optimizer state: ``ep0-ba8.pt`` → ``ep0-ba8.dcp``."""
+    return path.with_suffix(".dcp")
 
 
 def step_of(name: str) -> int | None:
@@ -204,6 +215,7 @@ class CheckpointSaver(Callback):
         config_yaml: the resolved config, stored as ``config``.
         remote: an object-store URI (``s3://bucket/prefix``) checkpoints are uploaded to in the background.
         upload_timeout: seconds to wait at the end for pending uploads.
+        sharded: write the model and optimizer as every rank's shards (``dist.fsdp_state_dict: sharded``).
     """
 
     def __init__(
@@ -216,8 +228,10 @@ class CheckpointSaver(Callback):
         config_yaml: str,
         remote: str | None = None,
         upload_timeout: float = 600.0,
+        sharded: bool = False,
     ) -> None:
         self.folder = Path(folder)
+        self.sharded = sharded
         self.interval = Time.parse(save_interval, "checkpoint.save_interval", allow_wall_clock=True)
         self.keep = keep
         self.save_latest = save_latest
@@ -260,12 +274,16 @@ class CheckpointSaver(Callback):
             return None
         self._last_saved_batch = state.timestamp.batch
         self._last_save_time = time.monotonic()
-        checkpoint = state.state_dict()  # every rank builds it: later, sharded states need all ranks
+        path = self.folder / checkpoint_name(state.timestamp.epoch, state.timestamp.batch)
+        started = time.perf_counter()
+        if self.sharded:  # the shards first: a .pt with its checksum means the folder is complete
+            save_sharded(state.model, state.optimizer, sharded_folder(path))
+        checkpoint = state.state_dict(weights=not self.sharded)  # every rank: FSDP gathers the weights
         if not state.dist.is_main:
             return None
         checkpoint.update(epoch=state.timestamp.epoch, name=self.run_name, config=self.config_yaml)
-        path = self.folder / checkpoint_name(state.timestamp.epoch, state.timestamp.batch)
-        started = time.perf_counter()
+        if self.sharded:
+            checkpoint["sharded"] = sharded_folder(path).name
         digest = save_atomic(checkpoint, path)
         if self.save_latest:
             latest_tmp = self.folder / f".{LATEST}.tmp"
@@ -283,6 +301,7 @@ class CheckpointSaver(Callback):
         for old in numbered_checkpoints(self.folder)[: -self.keep]:
             old.unlink(missing_ok=True)
             sidecar_of(old).unlink(missing_ok=True)
+            shutil.rmtree(sharded_folder(old), ignore_errors=True)
             log.info("deleted old checkpoint %s (checkpoint.keep=%d)", old, self.keep)
 
     # -- object store -------------------------------------------------------------------------------

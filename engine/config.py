@@ -22,6 +22,7 @@ from cadenza.engine.time import Time, TimeUnit
 PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16", "fp16")
 SCHEDULERS = ("cosine", "const", "const-cooldown")
 DEVICES = ("auto", "cpu", "cuda")
+FSDP_STATE_DICTS = ("full", "sharded")
 
 
 @dataclass
@@ -126,6 +127,8 @@ class DistConfig:
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     find_unused_parameters: bool = False  # DDP: needed only when some trainable parameters get no gradient
     static_graph: bool = False  # DDP: the graph is the same every step (helps with grad checkpointing)
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP
+    fsdp_state_dict: str = "full"  # fsdp checkpoints: full (one file, any world size, with or without fsdp) | sharded
 
 
 @dataclass
@@ -286,6 +289,7 @@ def _check_values(cfg: DictConfig) -> None:
         raise ConfigError(
             "checkpoint.resume", "'latest' needs a fixed run.name, so that a restarted job finds its own run folder."
         )
+    _check_dist(cfg)
     MODELS.get(cfg.model.name, "model.name")
     _resolve_loss(cfg)
     for split in ("train", "val"):
@@ -322,6 +326,32 @@ def _check_values(cfg: DictConfig) -> None:
             registry.check_args(name, OmegaConf.to_container(args), f"{section}.{name}", runtime=runtime)
     for name, args in cfg.algorithms.items():
         ALGORITHMS.build(name, OmegaConf.to_container(args), f"algorithms.{name}")  # __init__ only checks its arguments
+
+
+def _check_dist(cfg: DictConfig) -> None:
+    """FSDP replaces DDP: DDP's options, fp16 loss scaling and object-store uploads of sharded checkpoints are out."""
+    from cadenza.engine.object_store import is_remote
+
+    _check_choice("dist.fsdp_state_dict", cfg.dist.fsdp_state_dict, FSDP_STATE_DICTS)
+    if not cfg.dist.fsdp:
+        if cfg.dist.fsdp_state_dict != "full":
+            raise ConfigError("dist.fsdp_state_dict", "only applies with dist.fsdp=true; remove it or set dist.fsdp.")
+        return
+    for key in ("find_unused_parameters", "static_graph"):
+        if cfg.dist[key]:
+            raise ConfigError(f"dist.{key}", "is a DDP option and dist.fsdp=true replaces DDP; remove one of them.")
+    if cfg.run.precision == "amp":
+        raise ConfigError(
+            "run.precision",
+            "amp (fp16 with a GradScaler) cannot be combined with dist.fsdp=true: the scaler cannot check sharded and "
+            "replicated gradients together. Use run.precision=amp_bf16 (no scaler needed) or bf16.",
+        )
+    if cfg.dist.fsdp_state_dict == "sharded" and is_remote(cfg.checkpoint.save_folder):
+        raise ConfigError(
+            "dist.fsdp_state_dict",
+            f"sharded checkpoints are folders written by every rank and cannot be uploaded to "
+            f"checkpoint.save_folder={cfg.checkpoint.save_folder}; use dist.fsdp_state_dict=full or a shared file system.",
+        )
 
 
 def _resolve_loss(cfg: DictConfig) -> None:

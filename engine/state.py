@@ -11,6 +11,13 @@ import torch
 from torch import nn
 
 from cadenza.engine.dist import DistInfo, all_gather_object
+from cadenza.engine.fsdp import (
+    full_tensors,
+    load_model_state_dict,
+    load_optimizer_state_dict,
+    model_state_dict,
+    optimizer_state_dict,
+)
 from cadenza.engine.time import Timestamp
 
 
@@ -65,23 +72,34 @@ class State:
         return self.stop_training or self.timestamp.batch >= self.max_batches
 
     # -- checkpointed state ------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Model weights under ``state_dict`` (OpenCLIP's key) and every other piece that changes."""
+    def state_dict(self, weights: bool = True) -> dict[str, Any]:
+        """Model weights under ``state_dict`` (OpenCLIP's key) and every other piece that changes.
+
+        Every rank must call it: an FSDP-sharded model's weights, optimizer state and algorithm states
+        are gathered into full tensors, present on rank 0 only (the layout a run without FSDP saves).
+        ``weights=False`` leaves model and optimizer out (``None``): sharded checkpoints save them apart.
+        """
         return {
-            "state_dict": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "state_dict": model_state_dict(self.model) if weights else None,
+            "optimizer": optimizer_state_dict(self.model, self.optimizer)
+            if weights and self.optimizer is not None
+            else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "timestamp": self.timestamp.state_dict(),
             "rng": all_gather_object(get_rng_state()),  # one entry per rank
             "dataloader": self.train_loader.state_dict() if self.train_loader is not None else None,
-            "algorithms": {type(a).__name__: a.state_dict() for a in self.algorithms},
-            "callbacks": {type(c).__name__: c.state_dict() for c in self.callbacks},
+            "algorithms": {type(a).__name__: full_tensors(a.state_dict()) for a in self.algorithms},
+            "callbacks": {type(c).__name__: full_tensors(c.state_dict()) for c in self.callbacks},
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        self.model.load_state_dict(state["state_dict"], strict=strict)
-        for name in ("optimizer", "scheduler", "scaler"):
+        """Restore from ``state_dict()``'s output (full tensors, on every rank); ``None`` weights are skipped."""
+        if state["state_dict"] is not None:
+            load_model_state_dict(self.model, state["state_dict"], strict=strict)
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        for name in ("scheduler", "scaler"):
             target = getattr(self, name)
             if target is not None and state.get(name) is not None:
                 target.load_state_dict(state[name])

@@ -28,6 +28,7 @@ from cadenza.engine.config import to_yaml
 from cadenza.engine.engine import Engine, check_algorithms
 from cadenza.engine.errors import ConfigError, TrainingError
 from cadenza.engine.event import Event
+from cadenza.engine.fsdp import load_sharded, shard_model
 from cadenza.engine.logger import Logger, setup_logging
 from cadenza.engine.object_store import is_remote
 from cadenza.engine.optim import build_optimizer, build_scheduler
@@ -205,7 +206,12 @@ class Trainer:
             )
 
     def _wrap_model(self, model: nn.Module, info: dist.DistInfo, device: torch.device) -> nn.Module:
+        """DDP, or FSDP2 sharding in place (``dist.fsdp``); one process needs neither."""
         if info.world_size == 1:
+            return model
+        if self.cfg.dist.fsdp:
+            blocks = shard_model(model, self.cfg.run.precision)
+            log.info("FSDP: %d blocks and the root sharded over %d processes", len(blocks), info.world_size)
             return model
         device_ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(
@@ -245,6 +251,7 @@ class Trainer:
                     to_yaml(cfg),
                     remote=self.checkpoint_remote,
                     upload_timeout=cfg.checkpoint.upload_timeout,
+                    sharded=cfg.dist.fsdp and cfg.dist.fsdp_state_dict == "sharded",
                 )
             )
         if state.eval_loader is not None:
@@ -314,6 +321,8 @@ class Trainer:
         self.engine.run_event(Event.BEFORE_LOAD)
         checkpoint = load_checkpoint(path)
         self.state.load_state_dict(checkpoint)
+        if checkpoint.get("sharded") is not None:  # dist.fsdp_state_dict=sharded: weights and optimizer apart
+            load_sharded(self.state.model, self.state.optimizer, Path(path).parent / checkpoint["sharded"])
         self.engine.run_event(Event.AFTER_LOAD)
         ts = self.state.timestamp
         log.info("resumed from %s at epoch %d, step %d (%d samples)", path, ts.epoch, ts.batch, ts.sample)

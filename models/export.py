@@ -93,6 +93,12 @@ def read_checkpoint(path: str | Path) -> tuple[str, dict[str, Any], str | None, 
             f"'{path}' is not a Cadenza training checkpoint (it needs 'state_dict' and the stored 'config'); "
             "an OpenCLIP checkpoint needs no export"
         )
+    if checkpoint.get("sharded") is not None:
+        raise CadenzaError(
+            f"'{path}' is a sharded FSDP checkpoint (dist.fsdp_state_dict=sharded): its weights are in "
+            f"{checkpoint['sharded']}/. Export reads full checkpoints: resume it for one step with "
+            "dist.fsdp_state_dict=full and export that one."
+        )
     config = OmegaConf.create(checkpoint["config"])
     name = OmegaConf.select(config, "model.name")
     overrides = OmegaConf.to_container(OmegaConf.select(config, "model.overrides") or OmegaConf.create({}))

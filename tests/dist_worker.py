@@ -3,8 +3,10 @@ with the given overrides and writes what the test compares into OUT (rank 0, unl
 
     python -m torch.distributed.run --nproc-per-node 2 tests/dist_worker.py MODE OUT key=value ...
 
-MODE ``grads``: one optimizer step; saves the loss and the (DDP-averaged) gradients.
-MODE ``fit``: trains; saves the final weights and the learning rate.
+MODE ``grads``: one optimizer step; saves the loss, its mean over ranks, the (DDP-averaged or FSDP-gathered)
+gradients (after clipping, if on) and the norm gradient clipping saw.
+MODE ``fit``: trains; saves the final weights and optimizer state (gathered under FSDP), the learning rate and the
+EMA weights if any.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from cadenza.engine import Callback  # noqa: E402
 from cadenza.engine.config import load_config  # noqa: E402
+from cadenza.engine.dist import all_reduce_mean  # noqa: E402
+from cadenza.engine.fsdp import full_tensor, full_tensors, model_state_dict, optimizer_state_dict  # noqa: E402
 from cadenza.engine.trainer import Trainer  # noqa: E402
 
 
@@ -27,9 +31,20 @@ class FirstStepGradients(Callback):
         self.out = out
 
     def before_optimizer_step(self, state, logger) -> None:
+        # every rank: FSDP's gradient shards are gathered collectively
+        grads = {
+            n: full_tensor(p.grad.detach()).clone() for n, p in state.model.named_parameters() if p.grad is not None
+        }
+        loss_mean = all_reduce_mean(state.loss.detach())
         if state.dist.is_main:
-            grads = {n: p.grad.detach().clone() for n, p in state.model.named_parameters() if p.grad is not None}
-            torch.save({"loss": state.loss.detach().clone(), "grads": grads}, self.out / "grads.pt")
+            grad_norm = state.outputs.get("grad_norm")  # set by gradient_clipping, which ran before this callback
+            saved = {
+                "loss": state.loss.detach().clone(),
+                "loss_mean": loss_mean,
+                "grads": grads,
+                "grad_norm": grad_norm,
+            }
+            torch.save(saved, self.out / "grads.pt")
         state.stop_training = True
 
 
@@ -40,12 +55,19 @@ def main() -> None:
     callbacks = [FirstStepGradients(out)] if mode == "grads" else []
     trainer = Trainer(cfg, callbacks=callbacks)
     state = trainer.fit()
-    if mode == "fit" and state.dist.is_main and state.optimizer is not None:
+    if mode != "fit" or state.optimizer is None:
+        return
+    weights = model_state_dict(state.model)  # every rank: FSDP gathers to rank 0
+    optimizer = optimizer_state_dict(state.model, state.optimizer)
+    ema = [full_tensors(a.ema) for a in state.algorithms if a.name == "ema"]
+    if state.dist.is_main:
         torch.save(
             {
-                "weights": state.model.state_dict(),
+                "weights": weights,
                 "lr": state.optimizer.param_groups[0]["lr"],
                 "batch": state.timestamp.batch,
+                "ema": ema[0] if ema else None,
+                "optimizer": optimizer,
             },
             out / "fit.pt",
         )

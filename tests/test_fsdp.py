@@ -1,0 +1,181 @@
+"""FSDP2 (``dist.fsdp: true``): 2 CPU processes with gloo under torch.distributed.run, against 1 process and DDP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cadenza.engine.config import load_config
+from cadenza.engine.errors import CadenzaError, ConfigError
+from cadenza.engine.fsdp import fsdp_blocks, mixed_precision_policy
+from cadenza.models import create_model
+from cadenza.models.export import export_openclip
+
+from .algorithm_settings import ALGORITHM_SETTINGS
+from .conftest import ROOT, TINY
+from .test_distributed import COMMON, torchrun
+
+FSDP = "dist.fsdp=true"
+#: FSDP and one process differ by float reduction order only (1e-8 in gradients); 6 AdamW steps amplify it
+TOLERANCE = 1e-4
+CLIP = ("loss.name=clip", "loss.local_loss=true", "loss.gather_with_grad=true")
+
+
+def test_fsdp_equals_one_process_with_twice_the_batch_and_ddp(tmp_path):
+    """Loss, global gradient norm and (clipped) gradients of the first step: FSDP 2 x 8 = DDP 2 x 8 = 1 x 16."""
+    clip = (*CLIP, "algorithms.gradient_clipping.norm=0.5")
+    torchrun(2, "grads", tmp_path / "fsdp", *COMMON, *clip, FSDP, "data.batch_size=8")
+    torchrun(2, "grads", tmp_path / "ddp", *COMMON, *clip, "data.batch_size=8")
+    torchrun(1, "grads", tmp_path / "one", *COMMON, *clip, "data.batch_size=16")
+    fsdp, ddp, one = (torch.load(tmp_path / n / "grads.pt", weights_only=True) for n in ("fsdp", "ddp", "one"))
+    assert one["grad_norm"] > 1.0  # clipping acts, so a wrong (say, per-shard) norm would scale the gradients wrongly
+    for other in (ddp, one):
+        torch.testing.assert_close(fsdp["loss_mean"], other["loss_mean"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(fsdp["grad_norm"], other["grad_norm"], rtol=1e-5, atol=0)
+        assert fsdp["grads"].keys() == other["grads"].keys()
+        for name, grad in other["grads"].items():
+            torch.testing.assert_close(fsdp["grads"][name], grad, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_fsdp_updates_equal_one_process(tmp_path):
+    """Weights after 2 clipped AdamW steps and their EMA: FSDP 2 x 8 = 1 x 16."""
+    steps = ("run.duration=2ba", "algorithms.gradient_clipping.norm=0.5", "algorithms.ema.decay=0.5")
+    torchrun(2, "fit", tmp_path / "fsdp", *COMMON, *CLIP, *steps, FSDP, "data.batch_size=8")
+    torchrun(1, "fit", tmp_path / "one", *COMMON, *CLIP, *steps, "data.batch_size=16")
+    fsdp, one = (torch.load(tmp_path / n / "fit.pt", weights_only=True) for n in ("fsdp", "one"))
+    assert fsdp["weights"].keys() == one["weights"].keys() == fsdp["ema"].keys()
+    for key in ("weights", "ema"):
+        for name, value in one[key].items():
+            torch.testing.assert_close(fsdp[key][name], value, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize(("first", "second"), [("fsdp", "plain"), ("plain", "fsdp")])
+def test_full_checkpoint_moves_between_fsdp_and_one_process(tmp_path, first, second):
+    """A 2-process FSDP run's checkpoint at step 3 of 6 continues in 1 process without FSDP (same global batch),
+    and the other way round, to the weights, optimizer state and EMA of the uninterrupted run."""
+    common = (*COMMON, *CLIP, "run.name=job", "optim.warmup=2ba", "run.duration=6ba", "algorithms.ema.decay=0.9")
+    setups = {"fsdp": (2, FSDP, "data.batch_size=8"), "plain": (1, "data.batch_size=16")}
+    nproc, *setup = setups[first]
+    torchrun(nproc, "fit", tmp_path / "a", *common, *setup, "checkpoint.save_interval=3ba", f"run.logs={tmp_path}/a")
+    path = tmp_path / "a" / "job" / "checkpoints" / "ep0-ba3.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    assert list(checkpoint["state_dict"]) == list(create_model("tiny-vit").state_dict())  # OpenCLIP's keys, full
+    assert isinstance(next(iter(checkpoint["optimizer"]["state"])), int)  # torch.optim's own layout
+    nproc, *setup = setups[second]
+    torchrun(nproc, "fit", tmp_path / "b", *common, *setup, f"checkpoint.resume={path}", f"run.logs={tmp_path}/b")
+    resumed, uninterrupted = (torch.load(tmp_path / n / "fit.pt", weights_only=True) for n in ("b", "a"))
+    assert_same_training(resumed, uninterrupted, steps=6)
+    for name, value in uninterrupted["ema"].items():
+        torch.testing.assert_close(resumed["ema"][name], value, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_sharded_checkpoint_resumes_with_and_without_fsdp(tmp_path):
+    """dist.fsdp_state_dict=sharded: every rank writes its shards; 2 FSDP processes and 1 plain process resume."""
+    common = (*COMMON, *CLIP, "run.name=job", "optim.warmup=2ba", "run.duration=6ba")
+    sharded = (*common, FSDP, "dist.fsdp_state_dict=sharded", "data.batch_size=8")
+    torchrun(2, "fit", tmp_path / "a", *sharded, "checkpoint.save_interval=3ba", f"run.logs={tmp_path}/a")
+    path = tmp_path / "a" / "job" / "checkpoints" / "ep0-ba3.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["state_dict"] is None and checkpoint["sharded"] == "ep0-ba3.dcp"
+    assert (path.parent / "ep0-ba3.dcp" / ".metadata").is_file()
+    with pytest.raises(CadenzaError, match="sharded FSDP checkpoint"):
+        export_openclip(path, tmp_path / "out.pt")
+    resume = (f"checkpoint.resume={path}", "checkpoint.save_interval=1ba", "checkpoint.keep=1")
+    torchrun(2, "fit", tmp_path / "b", *sharded, *resume, f"run.logs={tmp_path}/b")
+    assert [p.name for p in (tmp_path / "b" / "job" / "checkpoints").glob("*.dcp")] == ["ep0-ba6.dcp"]  # keep=1
+    torchrun(1, "fit", tmp_path / "c", *common, "data.batch_size=16", *resume, f"run.logs={tmp_path}/c")
+    uninterrupted = torch.load(tmp_path / "a" / "fit.pt", weights_only=True)
+    for resumed in (torch.load(tmp_path / n / "fit.pt", weights_only=True) for n in ("b", "c")):
+        assert_same_training(resumed, uninterrupted, steps=6)
+
+
+def test_composer_n_2_fsdp_trains_with_every_algorithm(tmp_path):
+    """End to end: composer -n 2 on the tiny config with FSDP and every algorithm of the central table at once."""
+    algorithms = []
+    for name, args in ALGORITHM_SETTINGS.items():
+        algorithms += [f"algorithms.{name}.{k}={v}" for k, v in args.items()] or [f"algorithms.{name}={{}}"]
+    command = [sys.executable, "-m", "cadenza.engine.cli", "-n", "2", str(TINY), f"run.logs={tmp_path}", FSDP]
+    command += ["run.duration=4ba", "run.log_interval=2ba", "eval.interval=4ba", "optim.grad_clip_norm=null"]
+    result = subprocess.run(command + algorithms, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FSDP: 4 blocks and the root sharded over 2 processes" in result.stderr + result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4]
+    assert any("val/image_to_text_R@1" in r for r in rows)
+    checkpoint = torch.load(tmp_path / "tiny" / "checkpoints" / "ep0-ba4.pt", weights_only=True)
+    assert list(checkpoint["state_dict"]) == list(create_model("tiny-vit").state_dict())
+
+
+def assert_same_training(resumed: dict, reference: dict, steps: int) -> None:
+    """Step, learning rate, weights and AdamW state of a resumed run against the uninterrupted one."""
+    assert resumed["batch"] == reference["batch"] == steps
+    assert resumed["lr"] == pytest.approx(reference["lr"], rel=1e-9)
+    for name, value in reference["weights"].items():
+        torch.testing.assert_close(resumed["weights"][name], value, rtol=TOLERANCE, atol=TOLERANCE)
+    states, expected = resumed["optimizer"]["state"], reference["optimizer"]["state"]
+    assert states.keys() == expected.keys()
+    for index, state in expected.items():
+        assert states[index]["step"] == state["step"] == steps
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(states[index][moment], state[moment], rtol=TOLERANCE, atol=TOLERANCE)
+
+
+# -- without processes: configuration and the wrapping plan ------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ((FSDP, "dist.static_graph=true"), "dist.static_graph"),
+        ((FSDP, "dist.find_unused_parameters=true"), "dist.find_unused_parameters"),
+        ((FSDP, "run.precision=amp"), "run.precision"),
+        (("dist.fsdp_state_dict=sharded",), "dist.fsdp_state_dict"),
+        ((FSDP, "dist.fsdp_state_dict=shards"), "dist.fsdp_state_dict"),
+        ((FSDP, "dist.fsdp_state_dict=sharded", "checkpoint.save_folder=s3://bucket/run"), "dist.fsdp_state_dict"),
+    ],
+)
+def test_impossible_fsdp_settings_fail_at_config_time(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as error:
+        load_config(TINY, overrides)
+    assert "dist.fsdp" in str(error.value)  # names both keys
+
+
+def test_fsdp_settings_load():
+    cfg = load_config(TINY, (FSDP, "dist.fsdp_state_dict=sharded", "run.precision=amp_bf16"))
+    assert OmegaConf.to_container(cfg.dist)["fsdp"] is True
+
+
+@pytest.mark.parametrize(
+    ("name", "blocks"),
+    [
+        (
+            "tiny-vit",
+            ["visual.trunk.blocks.0", "visual.trunk.blocks.1"] + [f"text.transformer.resblocks.{i}" for i in (0, 1)],
+        ),
+        (
+            "ViT-B-32",
+            [f"visual.trunk.blocks.{i}" for i in range(12)] + [f"text.transformer.resblocks.{i}" for i in range(12)],
+        ),
+        ("RN50", [f"visual.trunk.stages.{s}" for s in range(4)]),  # timm's ByobNet: a unit per stage
+        (
+            "convnext_base",
+            [f"visual.trunk.stages.{s}.blocks.{i}" for s, n in enumerate((3, 3, 27, 3)) for i in range(n)],
+        ),
+    ],
+)
+def test_fsdp_units_are_the_blocks_of_both_towers(name, blocks):
+    with torch.device("meta"):  # the plan only reads module names: no weights are made
+        model = create_model(name)
+    text_blocks = [n for n in fsdp_blocks(model) if n.startswith("text.")]
+    assert [n for n in fsdp_blocks(model) if n.startswith("visual.")] == [b for b in blocks if b.startswith("visual.")]
+    assert text_blocks == [f"text.transformer.resblocks.{i}" for i in range(len(model.text.transformer.resblocks))]
+
+
+def test_mixed_precision_follows_run_precision():
+    assert mixed_precision_policy("amp_bf16").param_dtype == torch.bfloat16
+    assert mixed_precision_policy("amp_bf16").reduce_dtype == torch.float32
+    for precision in ("fp32", "bf16", "fp16"):  # fp32 stays fp32; cast weights keep their own dtype
+        assert mixed_precision_policy(precision).param_dtype is None
