@@ -76,6 +76,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _space_left_message(folder: Path, error: BaseException) -> str:
+    free = shutil.disk_usage(folder).free
+    if free < 16 << 20:
+        return f"No space left on device ({free >> 10} KiB free in {folder}; the writer said: {error})"
+    return str(error)
+
+
 def _write_atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -86,9 +93,12 @@ def _write_atomic(path: Path, write) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException as error:
+        # torch.save on a full disk raises RuntimeError from its zip writer, not OSError: look at the space left
+        # before the temporary file is removed, so the message names the cause.
+        cause = str(error) if isinstance(error, OSError) else _space_left_message(path.parent, error)
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise CheckpointError(f"could not write {path}: {error}; the previous checkpoint is kept") from error
+        if isinstance(error, Exception):
+            raise CheckpointError(f"could not write {path}: {cause}; the previous checkpoint is kept") from error
         raise
     _fsync_dir(path.parent)
 
@@ -104,6 +114,24 @@ def save_atomic(obj: Any, path: Path) -> str:
     sidecar = json.dumps({"sha256": digest, "size": path.stat().st_size}).encode()
     _write_atomic(sidecar_of(path), lambda handle: handle.write(sidecar))
     return digest
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make ``target`` hold ``source``'s bytes, atomically: a hard link (no extra disk space, instant), or a copy
+    where the file system has no hard links. Files are never modified in place, so sharing the inode is safe."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+
+        def copy(handle) -> None:
+            with source.open("rb") as original:
+                shutil.copyfileobj(original, handle, 1 << 20)
+
+        _write_atomic(target, copy)
+        return
+    os.replace(tmp, target)
 
 
 def sidecar_of(path: Path) -> Path:
@@ -286,9 +314,7 @@ class CheckpointSaver(Callback):
             checkpoint["sharded"] = sharded_folder(path).name
         digest = save_atomic(checkpoint, path)
         if self.save_latest:
-            latest_tmp = self.folder / f".{LATEST}.tmp"
-            shutil.copyfile(path, latest_tmp)
-            os.replace(latest_tmp, self.folder / LATEST)
+            link_or_copy(path, self.folder / LATEST)
         log.info("saved checkpoint %s (%.1fs)", path, time.perf_counter() - started)
         self._apply_retention()
         if self.remote is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,9 @@ def s3_bucket(moto_server, monkeypatch, request):
 
     for key, value in {**CREDENTIALS, "S3_ENDPOINT_URL": moto_server.endpoint}.items():
         monkeypatch.setenv(key, value)
-    name = "test-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    # unique per test *and* parameter: a name cut to S3's 63 characters made the variants of one test share a bucket
+    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]
+    readable = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:45].strip("-")
+    name = f"test-{readable}-{digest}"
     moto_server.client().create_bucket(Bucket=name)
     return name

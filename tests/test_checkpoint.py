@@ -100,3 +100,35 @@ def test_wall_clock_interval(tiny, monkeypatch):
     trainer.fit()
     names = sorted(p.name for p in (trainer.run_dir / "checkpoints").glob("ep*-ba*.pt"))
     assert names == ["ep0-ba3.pt", "ep0-ba6.pt"]  # 75 s > 60 s after step 3; step 6 is the final save
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 60 MB file system (tmpfs): room for one tiny-model checkpoint (~40 MB with Adam's state), not two."""
+    import subprocess
+
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tiny, small_disk):
+    overrides = ("data.val=null", "checkpoint.save_interval=2ba", "run.duration=6ba", "checkpoint.keep=1")
+    trainer = Trainer(tiny(*overrides, f"checkpoint.save_folder={small_disk}"))
+    with pytest.raises(CheckpointError, match=r"ep0-ba4\.pt.*No space left on device.*previous checkpoint is kept"):
+        trainer.fit()
+    # the step-2 checkpoint (and its latest link, which takes no space) survived the failed step-4 save, whole
+    assert sorted(p.name for p in small_disk.iterdir()) == ["ep0-ba2.pt", "ep0-ba2.pt.sha256", "epoch_latest.pt"]
+    ckpt.verify(small_disk / "ep0-ba2.pt")
+    assert ckpt.load_checkpoint(small_disk / "epoch_latest.pt")["timestamp"]["batch"] == 2
+    # once there is room again, the run resumes from it
+    resumed = Trainer(
+        tiny(*overrides, "checkpoint.resume=latest", f"checkpoint.save_folder={small_disk.parent / 'big_disk'}")
+    )
+    assert resumed.state.timestamp.batch == 0  # 'latest' looks in the new save_folder: nothing there yet
+    resumed = Trainer(tiny(*overrides, f"checkpoint.resume={small_disk / 'epoch_latest.pt'}"))
+    assert resumed.state.timestamp.batch == 2
