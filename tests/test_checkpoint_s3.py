@@ -23,7 +23,9 @@ from cadenza.engine.object_store import LocalStore, ObjectStoreError, S3Store
 from cadenza.engine.trainer import Trainer
 
 from .conftest import ROOT, TINY
+from .data_helpers import write_csv
 from .s3 import free_port
+from .test_data_csv import csv_args
 
 NO_EVAL = ("data.val=null", "optim.grad_clip_norm=null", "run.log_interval=10ba")
 
@@ -100,14 +102,13 @@ def _final_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["state_dict"]
 
 
-def test_sigkill_then_resume_on_an_empty_disk_is_bit_identical(s3_bucket, moto_server, tmp_path):
-    common = [
-        *NO_EVAL,
-        "run.duration=64ba",
-        "run.name=job",
-        "checkpoint.save_interval=8ba",
-        "data.train.num_samples=512",
-    ]
+@pytest.mark.parametrize("data", ["synthetic", "csv"])
+def test_sigkill_then_resume_on_an_empty_disk_is_bit_identical(s3_bucket, moto_server, tmp_path, data):
+    if data == "csv":  # 512 JPEGs on disk, read by 2 loader workers: the loader's position must survive the kill
+        dataset = ("data.workers=2", *csv_args(write_csv(tmp_path / "data", 512)))
+    else:
+        dataset = ("data.train.num_samples=512",)
+    common = [*NO_EVAL, "run.duration=64ba", "run.name=job", "checkpoint.save_interval=8ba", *dataset]
     reference = Trainer(tiny_cfg(tmp_path / "reference", *common))
     reference.fit()
     expected = _final_weights(reference.run_dir / "checkpoints" / "ep1-ba64.pt")
