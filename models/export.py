@@ -96,8 +96,8 @@ def read_checkpoint(path: str | Path) -> tuple[str, dict[str, Any], str | None, 
     if checkpoint.get("sharded") is not None:
         raise CadenzaError(
             f"'{path}' is a sharded FSDP checkpoint (dist.fsdp_state_dict=sharded): its weights are in "
-            f"{checkpoint['sharded']}/. Export reads full checkpoints: resume it for one step with "
-            "dist.fsdp_state_dict=full and export that one."
+            f"{checkpoint['sharded']}/. Export reads full checkpoints: resume it with run.duration set to its step "
+            "and dist.fsdp_state_dict=full (the default); that run saves it again, full, and exports."
         )
     config = OmegaConf.create(checkpoint["config"])
     name = OmegaConf.select(config, "model.name")

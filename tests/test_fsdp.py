@@ -26,15 +26,22 @@ TOLERANCE = 1e-4
 CLIP = ("loss.name=clip", "loss.local_loss=true", "loss.gather_with_grad=true")
 
 
-def test_fsdp_equals_one_process_with_twice_the_batch_and_ddp(tmp_path):
-    """Loss, global gradient norm and (clipped) gradients of the first step: FSDP 2 x 8 = DDP 2 x 8 = 1 x 16."""
-    clip = (*CLIP, "algorithms.gradient_clipping.norm=0.5")
-    torchrun(2, "grads", tmp_path / "fsdp", *COMMON, *clip, FSDP, "data.batch_size=8")
-    torchrun(2, "grads", tmp_path / "ddp", *COMMON, *clip, "data.batch_size=8")
-    torchrun(1, "grads", tmp_path / "one", *COMMON, *clip, "data.batch_size=16")
-    fsdp, ddp, one = (torch.load(tmp_path / n / "grads.pt", weights_only=True) for n in ("fsdp", "ddp", "one"))
-    assert one["grad_norm"] > 1.0  # clipping acts, so a wrong (say, per-shard) norm would scale the gradients wrongly
-    for other in (ddp, one):
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_fsdp_equals_one_process_with_twice_the_batch_and_ddp(tmp_path, loss):
+    """Loss, global gradient norm and (clipped) gradients of the first step: FSDP 2 x 8 = DDP 2 x 8 = 1 x 16.
+
+    SigLIP adds a second 0-dim parameter (``logit_bias``), replicated like the temperature; its DDP run is
+    left to test_distributed."""
+    clip = (*(CLIP if loss == "clip" else ("loss.name=siglip",)), "algorithms.gradient_clipping.norm=0.5")
+    runs = ("fsdp", "ddp", "one") if loss == "clip" else ("fsdp", "one")
+    for name in runs:
+        nproc, *setup = {"fsdp": (2, FSDP, "data.batch_size=8"), "ddp": (2, "data.batch_size=8")}.get(
+            name, (1, "data.batch_size=16")
+        )
+        torchrun(nproc, "grads", tmp_path / name, *COMMON, *clip, *setup)
+    fsdp, *others = (torch.load(tmp_path / n / "grads.pt", weights_only=True) for n in runs)
+    assert others[-1]["grad_norm"] > 1.0  # clipping acts: a wrong (per-shard) norm would scale the gradients wrongly
+    for other in others:
         torch.testing.assert_close(fsdp["loss_mean"], other["loss_mean"], rtol=0, atol=1e-5)
         torch.testing.assert_close(fsdp["grad_norm"], other["grad_norm"], rtol=1e-5, atol=0)
         assert fsdp["grads"].keys() == other["grads"].keys()
@@ -92,6 +99,12 @@ def test_sharded_checkpoint_resumes_with_and_without_fsdp(tmp_path):
     uninterrupted = torch.load(tmp_path / "a" / "fit.pt", weights_only=True)
     for resumed in (torch.load(tmp_path / n / "fit.pt", weights_only=True) for n in ("b", "c")):
         assert_same_training(resumed, uninterrupted, steps=6)
+    # To export: resume it for 0 steps (run.duration = its step); the run saves it again, full.
+    torchrun(
+        1, "fit", tmp_path / "d", *COMMON, "run.name=job", "run.duration=3ba", *resume[:1], f"run.logs={tmp_path}/d"
+    )
+    export_openclip(tmp_path / "d" / "job" / "checkpoints" / "ep0-ba3.pt", tmp_path / "out.pt")
+    assert (tmp_path / "out.pt").is_file()
 
 
 def test_composer_n_2_fsdp_trains_with_every_algorithm(tmp_path):
