@@ -5,6 +5,7 @@ User-selectable callbacks register here under ``CALLBACKS`` (YAML ``callbacks:``
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,8 @@ from cadenza.engine.registry import CALLBACKS  # noqa: F401 - the registry user 
 if TYPE_CHECKING:
     from cadenza.engine.logger import Logger
     from cadenza.engine.state import State
+
+log = logging.getLogger("cadenza")
 
 
 def synchronize(device: torch.device) -> None:
@@ -47,6 +50,7 @@ class TrainMetrics(Callback):
         self.peak_tflops = peak_tflops
         self._flops_per_sample = 0.0
         self._peak = 0.0
+        self._warned_peak = False
         self._skipped_before = 0  # data/skipped counted by the runs this one resumed
         self._reset()
 
@@ -125,11 +129,29 @@ class TrainMetrics(Callback):
                 "train/samples": state.timestamp.sample,
             }
         )
+        if metrics["train/mfu"] > 1.0 and self.peak_tflops is None:
+            metrics["train/mfu"] = self._remeasure_peak(state, metrics["train/mfu"])
         skipped = self.skipped(state)
         if skipped is not None:
             metrics["data/skipped"] = skipped
         logger.log_metrics(metrics, state.timestamp.batch)
         self._reset()
+
+    def _remeasure_peak(self, state: State, mfu: float) -> float:
+        """An MFU above 1 means the matmul peak measured at the start was slowed by other work on the machine:
+        measure again, keep the higher peak, and say so (once). Runs outside any throughput window."""
+        old = self._peak
+        self._peak = max(old, peak_flops(state.device, state.precision))
+        if not self._warned_peak:
+            self._warned_peak = True
+            log.warning(
+                "train/mfu was %.2f: the matmul peak measured at the start (%.1f GFLOP/s) was disturbed by other "
+                "work on this machine; re-measured: %.1f GFLOP/s. Set run.peak_tflops for a fixed reference.",
+                mfu,
+                old / 1e9,
+                self._peak / 1e9,
+            )
+        return mfu * old / self._peak
 
 
 class RetrievalEvaluator(Callback):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from cadenza.engine.report import read_series, write_report
@@ -102,3 +103,36 @@ def test_flops_per_sample_of_coca_counts_its_decoder():
     # the caption head alone: (L - 1) positions x width x vocabulary x 2 FLOPs, forward + backward
     head = (model.context_length - 1) * 32 * model.vocab_size * 2 * 3
     assert flops_per_sample(model, "bf16") > head
+
+
+def _metric_rows(trainer) -> list[dict]:
+    import json
+
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if "train/mfu" in row]
+
+
+def test_mfu_is_counted_flops_times_throughput_over_the_peak(tiny):
+    from cadenza.engine.mfu import flops_per_sample
+    from cadenza.engine.trainer import Trainer
+    from cadenza.models import create_model
+
+    trainer = Trainer(tiny("data.val=null", "run.duration=4ba", "run.log_interval=2ba", "run.peak_tflops=0.5"))
+    trainer.fit()
+    per_sample = flops_per_sample(create_model("tiny-vit"))
+    rows = _metric_rows(trainer)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["train/mfu"] == pytest.approx(per_sample * row["train/samples_per_second"] / 0.5e12, rel=1e-6)
+
+
+def test_an_mfu_above_one_remeasures_a_disturbed_peak(tiny, monkeypatch):
+    from cadenza.engine import callbacks
+    from cadenza.engine.trainer import Trainer
+
+    peaks = iter([1e3, 1e15])  # the start's measurement slowed down by other work, then a true one
+    monkeypatch.setattr(callbacks, "peak_flops", lambda *args, **kwargs: next(peaks, 1e15))
+    trainer = Trainer(tiny("data.val=null", "run.duration=4ba", "run.log_interval=2ba"))
+    trainer.fit()
+    assert all(0 < row["train/mfu"] < 1 for row in _metric_rows(trainer))
+    assert (trainer.run_dir / "out.log").read_text().count("was disturbed by other work") == 1
