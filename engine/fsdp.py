@@ -15,6 +15,8 @@ for the same reason. ``dist.fsdp_state_dict: sharded`` writes model and optimize
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,7 @@ def shard_model(model: nn.Module, precision: str = "fp32", reshard_after_forward
         the names of the blocks that became FSDP units.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard
 
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
@@ -93,8 +95,49 @@ def shard_model(model: nn.Module, precision: str = "fp32", reshard_after_forward
             param.register_hook(_average_over_processes)
     for method in ("encode_image", "encode_text"):
         if hasattr(model, method):
-            register_fsdp_forward_method(model, method)
+            _register_forward_method(model, method)
     return blocks
+
+
+def _register_forward_method(model: nn.Module, name: str) -> None:
+    """``register_fsdp_forward_method``, except when called from inside ``forward`` (``CLIP.forward`` calls
+    ``encode_image``): there FSDP's hooks already ran, and running them again would end the root's forward
+    early and free its gathered weights after every forward, so that evaluation could not keep them."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    plain = getattr(model, name)
+    register_fsdp_forward_method(model, name)
+    hooked = getattr(model, name)
+
+    def method(*args: Any, **kwargs: Any) -> Any:
+        inside_forward = model._get_fsdp_state()._training_state == TrainingState.FORWARD
+        return (plain if inside_forward else hooked)(*args, **kwargs)
+
+    setattr(model, name, method)
+
+
+@contextmanager
+def gathered_for_evaluation(model: nn.Module) -> Iterator[None]:
+    """While evaluating a sharded model, each FSDP unit keeps its weights gathered after its first forward.
+
+    A forward pass of a sharded model is a collective: every rank must run it. Validation shards and
+    zero-shot images are not always split evenly, so ranks run different numbers of forward passes;
+    once every rank ran one (in step), the others need no communication. Costs the full weights in
+    memory during evaluation (no gradients or optimizer state). No-op for a model that is not sharded.
+    """
+    if not is_sharded(model):
+        yield
+        return
+    model.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        model.set_reshard_after_forward(True)  # the blocks, as shard_model made them
+        model.set_reshard_after_forward(False, recurse=False)  # the root's parameters stay gathered
+        for module in model.modules():
+            if is_sharded(module):
+                module.reshard()
 
 
 def _average_over_processes(grad: torch.Tensor) -> torch.Tensor:

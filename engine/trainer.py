@@ -28,7 +28,7 @@ from cadenza.engine.config import to_yaml
 from cadenza.engine.engine import Engine, check_algorithms
 from cadenza.engine.errors import ConfigError, TrainingError
 from cadenza.engine.event import Event
-from cadenza.engine.fsdp import load_sharded, shard_model
+from cadenza.engine.fsdp import gathered_for_evaluation, load_sharded, shard_model
 from cadenza.engine.logger import Logger, setup_logging
 from cadenza.engine.object_store import is_remote
 from cadenza.engine.optim import build_optimizer, build_scheduler
@@ -465,16 +465,17 @@ class Trainer:
         state = self.state
         state.wrapped_model.eval()
         state.eval_metrics = {}
-        self.engine.run_event(Event.EVAL_START)
-        if state.eval_loader is not None:
-            state.eval_loader.set_epoch(0)
-        for batch in state.eval_loader if state.eval_loader is not None else ():
-            state.micro_batch = self._to_device(batch)
-            self.engine.run_event(Event.EVAL_BATCH_START)
-            with autocast_context(state.precision, state.device):
-                state.outputs = state.model(*state.micro_batch)
-            self.engine.run_event(Event.EVAL_BATCH_END)
-        self.engine.run_event(Event.EVAL_END)
+        with gathered_for_evaluation(state.model):  # FSDP: ranks may run different numbers of batches
+            self.engine.run_event(Event.EVAL_START)
+            if state.eval_loader is not None:
+                state.eval_loader.set_epoch(0)
+            for batch in state.eval_loader if state.eval_loader is not None else ():
+                state.micro_batch = self._to_device(batch)
+                self.engine.run_event(Event.EVAL_BATCH_START)
+                with autocast_context(state.precision, state.device):
+                    state.outputs = state.model(*state.micro_batch)
+                self.engine.run_event(Event.EVAL_BATCH_END)
+            self.engine.run_event(Event.EVAL_END)
         state.wrapped_model.train()
         self._evaluated_at_last_step = True
         return dict(state.eval_metrics)

@@ -19,6 +19,7 @@ from cadenza.models.export import export_openclip
 from .algorithm_settings import ALGORITHM_SETTINGS
 from .conftest import ROOT, TINY
 from .test_distributed import COMMON, torchrun
+from .test_zero_shot import image_folder
 
 FSDP = "dist.fsdp=true"
 #: FSDP and one process differ by float reduction order only (1e-8 in gradients); 6 AdamW steps amplify it
@@ -105,6 +106,24 @@ def test_sharded_checkpoint_resumes_with_and_without_fsdp(tmp_path):
     )
     export_openclip(tmp_path / "d" / "job" / "checkpoints" / "ep0-ba3.pt", tmp_path / "out.pt")
     assert (tmp_path / "out.pt").is_file()
+
+
+def test_fsdp_evaluation_of_uneven_shards_equals_one_process(tmp_path):
+    """Validation (49 samples) and zero-shot (9 images) split unevenly over 2 ranks, which then run different
+    numbers of forward passes; after 2 steps with EMA (evaluated on the average) the metrics equal 1 process's."""
+    folder = image_folder(tmp_path / "images")
+    common = (*CLIP, "data.val.num_samples=49", "data.train.num_samples=64", "run.duration=2ba", "optim.warmup=0ba")
+    common += ("algorithms.ema.decay=0.5", f"eval.zero_shot.path={folder}", "eval.zero_shot.templates=simple")
+    torchrun(2, "fit", tmp_path / "two", *common, FSDP, "data.batch_size=4", f"run.logs={tmp_path}/two")
+    torchrun(1, "fit", tmp_path / "one", *common, "data.batch_size=8", f"run.logs={tmp_path}/one")
+    metrics = []
+    for name in ("two", "one"):
+        rows = [json.loads(line) for line in (tmp_path / name / "tiny" / "metrics.jsonl").read_text().splitlines()]
+        metrics.append({k: v for row in rows for k, v in row.items() if k.startswith("val/")})
+    assert metrics[0]["val/num_samples"] == 49 and "val/imagenet-zeroshot-val-top1" in metrics[0]
+    assert metrics[0].keys() == metrics[1].keys()
+    for key, value in metrics[1].items():
+        assert metrics[0][key] == pytest.approx(value, rel=1e-4), key
 
 
 def test_composer_n_2_fsdp_trains_with_every_algorithm(tmp_path):
