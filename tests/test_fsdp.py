@@ -51,8 +51,10 @@ def test_fsdp_equals_one_process_with_twice_the_batch_and_ddp(tmp_path, loss):
 
 
 def test_fsdp_updates_equal_one_process(tmp_path):
-    """Weights after 2 clipped AdamW steps and their EMA: FSDP 2 x 8 = 1 x 16."""
+    """Weights after 2 clipped AdamW steps and their EMA: FSDP 2 x 8 = 1 x 16, with grad checkpointing (applied
+    before sharding) and a partly frozen image tower (FSDP units holding frozen and trainable parameters)."""
     steps = ("run.duration=2ba", "algorithms.gradient_clipping.norm=0.5", "algorithms.ema.decay=0.5")
+    steps += ("algorithms.grad_checkpointing={}", "algorithms.lock_image.unlocked_groups=2")
     torchrun(2, "fit", tmp_path / "fsdp", *COMMON, *CLIP, *steps, FSDP, "data.batch_size=8")
     torchrun(1, "fit", tmp_path / "one", *COMMON, *CLIP, *steps, "data.batch_size=16")
     fsdp, one = (torch.load(tmp_path / n / "fit.pt", weights_only=True) for n in ("fsdp", "one"))
