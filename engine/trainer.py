@@ -208,6 +208,8 @@ class Trainer:
     def _wrap_model(self, model: nn.Module, info: dist.DistInfo, device: torch.device) -> nn.Module:
         """DDP, or FSDP2 sharding in place (``dist.fsdp``); one process needs neither."""
         if info.world_size == 1:
+            if self.cfg.dist.fsdp:
+                log.info("dist.fsdp: one process, nothing to shard; the model runs unwrapped")
             return model
         if self.cfg.dist.fsdp:
             blocks = shard_model(model, self.cfg.run.precision)

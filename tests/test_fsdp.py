@@ -129,12 +129,14 @@ def test_fsdp_evaluation_of_uneven_shards_equals_one_process(tmp_path):
 
 
 def test_composer_n_2_fsdp_trains_with_every_algorithm(tmp_path):
-    """End to end: composer -n 2 on the tiny config with FSDP and every algorithm of the central table at once."""
+    """End to end: composer -n 2 on the tiny config with FSDP, bf16 autocast (weights gathered in bf16) and every
+    algorithm of the central table at once."""
     algorithms = []
     for name, args in ALGORITHM_SETTINGS.items():
         algorithms += [f"algorithms.{name}.{k}={v}" for k, v in args.items()] or [f"algorithms.{name}={{}}"]
     command = [sys.executable, "-m", "cadenza.engine.cli", "-n", "2", str(TINY), f"run.logs={tmp_path}", FSDP]
     command += ["run.duration=4ba", "run.log_interval=2ba", "eval.interval=4ba", "optim.grad_clip_norm=null"]
+    command += ["run.precision=amp_bf16"]
     result = subprocess.run(command + algorithms, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FSDP: 4 blocks and the root sharded over 2 processes" in result.stderr + result.stdout
@@ -143,6 +145,7 @@ def test_composer_n_2_fsdp_trains_with_every_algorithm(tmp_path):
     assert any("val/image_to_text_R@1" in r for r in rows)
     checkpoint = torch.load(tmp_path / "tiny" / "checkpoints" / "ep0-ba4.pt", weights_only=True)
     assert list(checkpoint["state_dict"]) == list(create_model("tiny-vit").state_dict())
+    assert {v.dtype for v in checkpoint["state_dict"].values() if v.is_floating_point()} == {torch.float32}
 
 
 def assert_same_training(resumed: dict, reference: dict, steps: int) -> None:
