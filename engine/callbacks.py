@@ -167,6 +167,7 @@ class RetrievalEvaluator(Callback):
     def eval_start(self, state: State, logger: Logger) -> None:
         self._images: list[torch.Tensor] = []
         self._texts: list[torch.Tensor] = []
+        self._scale = state.model.logit_scale.exp().item()  # the evaluated weights' (EMA swaps back at EVAL_END)
 
     def eval_batch_end(self, state: State, logger: Logger) -> None:
         self._images.append(state.outputs["image_features"].float().cpu())
@@ -174,8 +175,7 @@ class RetrievalEvaluator(Callback):
 
     def eval_end(self, state: State, logger: Logger) -> None:
         images, texts = _gather_rows(torch.cat(self._images)), _gather_rows(torch.cat(self._texts))
-        scale = state.model.logit_scale.exp().item()
-        metrics = {"val/clip_val_loss": contrastive_loss(images, texts, scale, self.chunk_size)}
+        metrics = {"val/clip_val_loss": contrastive_loss(images, texts, self._scale, self.chunk_size)}
         metrics.update(retrieval_metrics(images, texts, self.chunk_size))
         metrics["val/num_samples"] = len(images)
         state.eval_metrics.update(metrics)

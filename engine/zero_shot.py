@@ -212,10 +212,14 @@ class ZeroShotEvaluator(Callback):
         text = torch.cat(features).view(len(self.classnames), len(self.templates), -1)  # (C, T, D)
         return build_classifier_weights(text)
 
+    def eval_start(self, state: State, logger: Logger) -> None:
+        # At EVAL_START, after the algorithms: the weights being evaluated are in the model (EMA's average
+        # with evaluate_with_ema). At EVAL_END the algorithms run first and EMA has put the training weights back.
+        self._metrics = self.evaluate(state)
+
     def eval_end(self, state: State, logger: Logger) -> None:
-        metrics = self.evaluate(state)
-        state.eval_metrics.update(metrics)
-        logger.log_metrics(metrics, state.timestamp.batch)
+        state.eval_metrics.update(self._metrics)
+        logger.log_metrics(self._metrics, state.timestamp.batch)
 
     @torch.no_grad()
     def evaluate(self, state: State) -> dict[str, float]:

@@ -129,6 +129,7 @@ def test_imagenet_layout_is_named_by_wordnet_id_and_scored_with_the_80_templates
 def test_evaluator_logs_into_eval_metrics(tmp_path):
     zero_shot = evaluator(image_folder(tmp_path / "colors"))
     state = State(model=ColorModel(zero_shot.tokenizer))
+    zero_shot.eval_start(state, Logger([]))
     zero_shot.eval_end(state, Logger([]))
     assert state.eval_metrics["val/colors-zeroshot-val-top1"] == 1.0
 
@@ -145,3 +146,27 @@ def test_trainer_runs_zero_shot_without_data_val_at_the_interval_and_the_end(tin
 
     evaluation_only = Trainer(tiny(*overrides, "data.train=null", "run.name=eval"))
     assert set(evaluation_only.fit().eval_metrics) == {"val/colors-zeroshot-val-top1", "val/colors-zeroshot-val-top5"}
+
+
+def test_zero_shot_scores_the_ema_weights_when_evaluate_with_ema(tiny, tmp_path, monkeypatch):
+    seen = []
+
+    def record(self, state):
+        seen.append({k: v.clone() for k, v in state.model.state_dict().items()})
+        return {"val/colors-zeroshot-val-top1": 0.0}
+
+    monkeypatch.setattr(ZeroShotEvaluator, "evaluate", record)
+    root = image_folder(tmp_path / "colors")
+    trainer = Trainer(
+        tiny(
+            "data.val=null",
+            f"eval.zero_shot.path={root}",
+            "run.duration=3ba",
+            "+algorithms.ema={decay: 0.5, evaluate_with_ema: true}",
+        )
+    )
+    trainer.fit()
+    ema = next(a for a in trainer.state.algorithms if type(a).__name__ == "EMA").ema
+    final = seen[-1]  # the end-of-training evaluation
+    assert all(torch.equal(final[k], ema[k].to(final[k].dtype)) for k in ema)
+    assert not all(torch.equal(final[k], v) for k, v in trainer.state.model.state_dict().items())
