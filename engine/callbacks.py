@@ -68,7 +68,8 @@ class TrainMetrics(Callback):
         self._flops_per_sample = flops_per_sample(state.model, state.precision)
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        self._peak = peak_flops(state.device, state.precision, self.peak_tflops)
+        # measured (a matmul, ~1 s on CPU) at the first log, not here: a (re)started job's first step comes sooner
+        self._peak = peak_flops(state.device, state.precision, self.peak_tflops) if self.peak_tflops else 0.0
         synchronize(state.device)
         self._state = state
         self._reset()
@@ -113,6 +114,8 @@ class TrainMetrics(Callback):
     def _log(self, state: State, logger: Logger) -> None:
         synchronize(state.device)
         elapsed = time.perf_counter() - self._window_start - self._excluded
+        if not self._peak:  # after the window's clock stopped; _reset starts the next one after it
+            self._peak = peak_flops(state.device, state.precision)
         losses = {name: dist.all_reduce_mean(total / self._steps).item() for name, total in self._loss_sums.items()}
         model = state.model
         metrics = {f"train/{name}": value for name, value in losses.items()}
