@@ -29,6 +29,7 @@ def machine() -> dict[str, str]:
         "torch": torch.__version__,
         "cpu": _cpu_name(),
         "cpu_cores": str(os.cpu_count()),
+        "load_average_1_5_15min": " / ".join(f"{x:.1f}" for x in os.getloadavg()),  # at writing: others' work
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
