@@ -44,7 +44,7 @@ StateDict = dict[str, torch.Tensor]
 
 #: Cadenza architectures that are OpenCLIP 3.3.0 built-ins of the same name and sizes (tests check it)
 OPENCLIP_NAMES = frozenset(
-    {"ViT-B-32", "ViT-B-16", "ViT-L-14", "RN50", "RN101", "convnext_base"}
+    {"ViT-S-32", "ViT-B-32", "ViT-B-16", "ViT-L-14", "RN50", "RN101", "convnext_base"}
     | {"ViT-B-32-quickgelu", "ViT-B-16-quickgelu", "ViT-L-14-quickgelu", "RN50-quickgelu", "RN101-quickgelu"}
     | {"coca_ViT-B-32"}
 )
