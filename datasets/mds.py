@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 from streaming import StreamingDataset
+from streaming.base.dataset import _ShardState
 from streaming.base.format.mds.reader import MDSReader
 
 from cadenza.datasets.samples import (
@@ -84,6 +85,7 @@ class MDSImageCaptions(StreamingDataset):
         self.augment_seed, self.draft_size = augment_seed, draft_size
         self.source = source
         self.current_epoch = 0
+        self._ready_shards: set[int] = set()  # shards this process saw ready to read (see prepare_shard)
         self._read_columns_as_bytes()
 
     def _read_columns_as_bytes(self) -> None:
@@ -109,6 +111,21 @@ class MDSImageCaptions(StreamingDataset):
                 if name == self.caption_key or (name == self.image_key and encodings[index] in ENCODED_IMAGE):
                     encodings[index] = "bytes"
             shard.column_encodings = encodings
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """streaming's ``prepare_shard``, skipped for a shard this process already saw ready.
+
+        streaming calls it for every sample, in a thread beside decoding, and each call takes a file
+        lock and checks the shard's file on disk even when the shard is long since local: 0.6 ms a
+        sample, more than decoding and augmenting a small image (``benchmarks/data_throughput.py``).
+        Once a shard is local it stays so unless ``cache_limit`` evicts shards, so without one the
+        first call per shard and process is the only one that does anything.
+        """
+        if shard_id in self._ready_shards and not self.cache_limit:
+            return
+        super().prepare_shard(shard_id, blocking)
+        if self._shard_states[shard_id] == _ShardState.LOCAL:
+            self._ready_shards.add(shard_id)
 
     def _resume_incr_epoch(self) -> tuple[int, int]:
         epoch, sample_in_epoch = super()._resume_incr_epoch()

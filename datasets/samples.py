@@ -4,8 +4,8 @@
 generators seeded by ``sample_seed(seed, epoch, index)``: it depends on the sample and the epoch only, not on
 the number of processes or DataLoader workers, nor on where a run resumed. ``seeded_rng`` forks the three
 generators transforms use — torch's CPU generator (torchvision), Python's ``random`` (timm) and NumPy's global
-one — and restores them afterwards, so loading in the main process (``data.workers: 0``) leaves the training
-RNG exactly as it was.
+one — and, in the main process, restores them afterwards, so loading there (``data.workers: 0``) leaves the
+training RNG exactly as it was.
 
 **Bad samples.** ``decode_image`` and ``clean_caption`` raise ``SampleError`` with a reason. A stream format
 turns it into a ``Skipped(reason)`` item and the loader takes the next sample; a map-style format replaces the
@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from cadenza.engine.errors import DataError
 
@@ -67,20 +68,26 @@ def sample_seed(seed: int, epoch: int, index: int, *salt: int) -> int:
 def seeded_rng(seed: int) -> Iterator[None]:
     """Run the block with torch's CPU generator, ``random`` and NumPy's global generator seeded from ``seed``.
 
-    The previous states are restored on exit. CUDA generators are not touched (transforms run on CPU).
+    In the main process the previous states are restored on exit. A DataLoader worker skips that: nothing
+    there draws from these generators but the transforms, and every sample seeds them afresh — while saving
+    and restoring NumPy's state alone costs 0.2 ms a sample. CUDA generators are not touched (transforms run
+    on CPU).
     """
-    torch_state = torch.get_rng_state()
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()
+    in_worker = get_worker_info() is not None
+    if not in_worker:
+        torch_state = torch.get_rng_state()
+        python_state = random.getstate()
+        numpy_state = np.random.get_state()
     torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed & 0xFFFFFFFF)
     try:
         yield
     finally:
-        torch.set_rng_state(torch_state)
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
+        if not in_worker:
+            torch.set_rng_state(torch_state)
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def transform_sample(transform: Callable[[Any], torch.Tensor], image: Any, seed: int) -> torch.Tensor:

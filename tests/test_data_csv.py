@@ -88,6 +88,27 @@ def test_augmentation_is_seeded_per_sample_and_epoch(tmp_path):
     assert not torch.equal(a, other_seed[(0, 3)].image)
 
 
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_transforms_equal_openclips(train, mode):
+    """Cadenza's transforms give OpenCLIP's pixels (float32 rounding apart) from the same RNG state."""
+    import numpy as np
+    from open_clip.transform import image_transform as openclip_transform
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    ours, theirs = image_transform(24, train, mean, std), openclip_transform(24, train, mean, std)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        expected = theirs(image)
+        torch.manual_seed(seed)
+        actual = ours(image)
+        assert actual.dtype == expected.dtype == torch.float32 and actual.shape == (3, 24, 24)
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
 def write_bad_csv(folder):
     """40 rows; rows 3 (bad JPEG bytes), 7 (missing file), 12 (empty caption), 20 (extra field) are bad."""
     path = write_csv(folder, 40)
