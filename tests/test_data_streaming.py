@@ -321,9 +321,7 @@ def test_with_a_cache_limit_evicted_shards_are_fetched_again(tmp_path, monkeypat
     assert sum(sizes) > 6 * max(sizes)
     # streaming's minimum cache, in order, one batch ahead: shuffled or further ahead, its download thread evicts
     # shards that its ready thread still waits for, which then waits forever (streaming's thrashing)
-    data = loader(
-        remote, 8, local=str(tmp_path / "copy"), cache_limit=4 * max(sizes), predownload=8, shuffle=False
-    )
+    data = loader(remote, 8, local=str(tmp_path / "copy"), cache_limit=4 * max(sizes), predownload=8, shuffle=False)
     for epoch in range(2):
         data.set_epoch(epoch)
         assert sorted(sum((sample_ids(tokens) for _, tokens in data), [])) == list(range(64))
