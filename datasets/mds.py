@@ -117,7 +117,9 @@ class MDSImageCaptions(StreamingDataset):
 
         streaming calls it for every sample, in a thread beside decoding, and each call takes a file
         lock and checks the shard's file on disk even when the shard is long since local: 0.6 ms a
-        sample, more than decoding and augmenting a small image (``benchmarks/data_throughput.py``).
+        call on a 2-core EPYC, more than decoding and augmenting a 32 px image (the quickstart loader
+        went from 390 to about 1050 samples/s with this and the two changes in ``samples`` and
+        ``transforms``).
         Once a shard is local it stays so unless ``cache_limit`` evicts shards, so without one the
         first call per shard and process is the only one that does anything.
         """
