@@ -11,8 +11,8 @@ up with the model at the quickstart config.
    through Cadenza's loaders with OpenCLIP's training transform at 224 px, with 0..N DataLoader workers. One
    epoch; the first batch (worker start-up) is not timed. images/s per worker = images/s / max(workers, 1).
 3. **Quickstart**: the quickstart model's training step alone (forward, backward, AdamW) and its ``streaming``
-   loader alone over the digits set, then the real thing: the quickstart config training, where
-   ``train/data_time`` is how long each step waited for its batch.
+   loader alone over the digits set (medians of alternating rounds), then the real thing: the quickstart
+   config training, where ``train/data_time`` is how long each step waited for its batch.
 
 Results: benchmarks/results/data_throughput.{md,json} (or --out), with the machine, torch version and date.
 """
@@ -189,7 +189,7 @@ def format_rows(count: int, workers: list[int], batch_size: int) -> list[dict]:
 
 
 # -- 3. the quickstart --------------------------------------------------------------------------------------------
-def quickstart_rows(steps: int) -> list[dict]:
+def quickstart_rows(steps: int, rounds: int) -> list[dict]:
     from cadenza.datasets.digits import build
     from cadenza.engine.config import load_config
     from cadenza.engine.optim import build_optimizer
@@ -211,18 +211,25 @@ def quickstart_rows(steps: int) -> list[dict]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def model_rate() -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return steps * batch_size / (time.perf_counter() - start)
+
     for _ in range(3):
         step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    model_rate = steps * batch_size / (time.perf_counter() - start)
     with tempfile.TemporaryDirectory() as tmp:
         build(tmp, size=model.image_size, progress=False)
         context = context_for(model.image_size, batch_size, workers, cache_dir=f"{tmp}/cache")
         context = LoaderContext(**{**context.__dict__, "context_length": model.context_length,
                                    "tokenizer": get_tokenizer(None, model.context_length)})  # fmt: skip
-        data_rate = loader_rate(build_loader("streaming", {"remote": f"{tmp}/mds"}, context))
+        loader = build_loader("streaming", {"remote": f"{tmp}/mds"}, context)
+        model_rates, data_rates = [], []
+        for _ in range(rounds):  # alternately, so that a change in the machine's load hits both
+            model_rates.append(model_rate())
+            data_rates.append(loader_rate(loader))
+        model_rate, data_rate = statistics.median(model_rates), statistics.median(data_rates)
         waiting, step_time = data_wait_in_training(tmp, steps)
     ratio, share = data_rate / model_rate, 100 * waiting / step_time
     print(  # noqa: T201
@@ -230,8 +237,11 @@ def quickstart_rows(steps: int) -> list[dict]:
         f"in training {1000 * waiting:.1f} ms of each {1000 * step_time:.1f} ms step wait for data ({share:.0f}%)"
     )
     return [
-        {"what": f"samples/s, model step alone ({cfg.model.name}, batch {batch_size}, 1 thread)", "value": model_rate},
-        {"what": f"samples/s, streaming loader alone (digits, {workers} worker)", "value": data_rate},
+        {
+            "what": f"samples/s, model step alone ({cfg.model.name}, batch {batch_size}, 1 thread; median)",
+            "value": model_rate,
+        },
+        {"what": f"samples/s, streaming loader alone (digits, {workers} worker; median)", "value": data_rate},
         {"what": "loader / model (>= 1: the loader keeps up)", "value": ratio},
         {"what": "in training: ms per step (train/batch_time)", "value": 1000 * step_time},
         {"what": "in training: ms of it waiting for data (train/data_time)", "value": 1000 * waiting},
@@ -281,14 +291,19 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512, help="samples per format")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds over the decoder test images")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="interleaved rounds: decoders over the test images; quickstart model step and loader",
+    )
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # like DataLoader workers, and like make quickstart's training process
     load_before = os.getloadavg()[0]
     decoders = decoder_rows(args.repeats)
     formats = format_rows(args.images, args.workers, args.batch_size)
-    quickstart = quickstart_rows(steps=40)
+    quickstart = quickstart_rows(steps=40, rounds=args.repeats)
     rows = [{"section": "decode + augment, 1 thread", **r} for r in decoders]
     rows += [{"section": "loader, 224 px train transform", **r} for r in formats]
     rows += [{"section": "quickstart", **r} for r in quickstart]
@@ -298,7 +313,8 @@ def main() -> None:
         "One torch thread per process (as in DataLoader workers and make quickstart). Decoders: median of "
         f"{args.repeats} interleaved rounds over 16 photos. images/s per worker = images/s / max(workers, 1) "
         f"(0 workers: the training process decodes). Formats: {args.images} JPEGs of 320x240 (quality 90), "
-        f"batch {args.batch_size}. Quickstart: the model step against its loader at the quickstart's batch and workers."
+        f"batch {args.batch_size}. Quickstart: the model step against its loader at the quickstart's batch and workers, medians of "
+        f"{args.repeats} alternating rounds."
     )
     columns = [
         "section",

@@ -109,6 +109,28 @@ def test_transforms_equal_openclips(train, mode):
         torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [(32, 32), (41, 30), (8, 8), (300, 200), (100, 5), (5, 100)])
+def test_random_resized_crop_draws_torchvisions_crops(size):
+    """The faster crop draw gives torchvision's crop for every seed and leaves the generator where it does.
+
+    (100, 5) and (5, 100) never fit a crop of scale 0.9-1 and ratio 3/4-4/3: torchvision's central fallback.
+    """
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from cadenza.datasets.transforms import RandomResizedCrop
+
+    ours = RandomResizedCrop(24, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3))
+    image = Image.new("RGB", size)
+    for seed in range(500):
+        torch.manual_seed(seed)
+        expected = T.RandomResizedCrop.get_params(image, ours.scale, ours.ratio), torch.rand(1)
+        torch.manual_seed(seed)
+        actual = ours.crop_params(*size), torch.rand(1)
+        assert actual[0] == expected[0], f"seed {seed}"
+        assert torch.equal(actual[1], expected[1]), f"seed {seed}: the generator moved differently"
+
+
 def write_bad_csv(folder):
     """40 rows; rows 3 (bad JPEG bytes), 7 (missing file), 12 (empty caption), 20 (extra field) are bad."""
     path = write_csv(folder, 40)
