@@ -91,6 +91,7 @@ class OptimConfig:
     cooldown_power: float = 1.0  # 1 = linear cooldown
     cooldown_end_lr: float = 0.0
     grad_clip_norm: float | None = None  # shorthand for algorithms.gradient_clipping.norm
+    fused: bool | None = None  # AdamW's single-kernel update; default: on CPU and CUDA, else foreach
     accum_freq: int = 1  # micro-batches per optimizer step (features cached, OpenCLIP's way)
 
 

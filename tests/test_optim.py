@@ -99,3 +99,24 @@ def test_optimizer_settings():
     opt = build_optimizer(_optim_cfg(lr=3e-4, betas=[0.8, 0.9], eps=1e-8), model)
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.defaults["lr"] == 3e-4 and opt.defaults["betas"] == (0.8, 0.9) and opt.defaults["eps"] == 1e-8
+    assert opt.defaults["fused"]  # the single-kernel update on CPU too
+    foreach = build_optimizer(_optim_cfg(lr=3e-4, betas=[0.8, 0.9], eps=1e-8, fused=False), model)
+    assert not foreach.defaults["fused"] and foreach.defaults["foreach"]
+
+
+def test_fused_adamw_takes_foreachs_steps():
+    """The fused update is AdamW's update: ten steps on the same gradients land on the same weights (rounding apart)."""
+    torch.manual_seed(0)
+    models = [create_model("tiny-vit") for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [build_optimizer(_optim_cfg(lr=1e-3, fused=fused), m) for fused, m in zip((True, False), models)]
+    start = models[0].visual.trunk.patch_embed.proj.weight.detach().clone()
+    for _ in range(10):
+        grads = [torch.randn_like(p) for p in models[0].parameters()]
+        for model, optimizer in zip(models, optimizers, strict=True):
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert (models[0].visual.trunk.patch_embed.proj.weight - start).abs().max() > 1e-3  # the steps did move the weights
