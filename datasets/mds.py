@@ -7,7 +7,10 @@ the loader imports this module only when a streaming dataset is built.
 from __future__ import annotations
 
 import io
+import mmap
 import os
+import struct
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -68,6 +71,9 @@ class MDSImageCaptions(StreamingDataset):
         kwargs: ``StreamingDataset``'s arguments.
     """
 
+    #: shards kept memory-mapped per process (see ``read_sample``)
+    MAPPED_SHARDS = 64
+
     def __init__(
         self,
         *,
@@ -86,7 +92,11 @@ class MDSImageCaptions(StreamingDataset):
         self.source = source
         self.current_epoch = 0
         self._ready_shards: set[int] = set()  # shards this process saw ready to read (see prepare_shard)
+        self._mapped: OrderedDict[int, mmap.mmap] = OrderedDict()  # shard id -> its raw file, memory-mapped
         self._read_columns_as_bytes()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_mapped": OrderedDict()}  # maps are per process: a new one maps anew
 
     def _read_columns_as_bytes(self) -> None:
         """Check the columns of every shard; switch encoded images and captions to raw bytes."""
@@ -153,10 +163,36 @@ class MDSImageCaptions(StreamingDataset):
             return Sample(pixels, caption, tuple(reasons))
         raise nothing_decodes(self.source, reasons)
 
+    def read_sample(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+        """The sample's columns (images and captions as bytes), as ``StreamingDataset.get_item`` reads them.
+
+        A shard that is local for good (seen ready, no ``cache_limit``) is read from a memory map of its
+        file, kept for the ``MAPPED_SHARDS`` most recently read shards: streaming opens, seeks and closes the
+        file for every sample (33 against 11 µs a sample on a 2-core EPYC). Any other shard goes through
+        streaming, which downloads it first when needed.
+        """
+        shard_id, index = self.spanner[sample_id]
+        if shard_id not in self._ready_shards or self.cache_limit:
+            return super().get_item(sample_id, retry)
+        mapped = self._mapped.get(shard_id)
+        if mapped is None:
+            shard = self.shards[shard_id]
+            with open(os.path.join(shard.dirname, shard.split or "", shard.raw_data.basename), "rb") as file:
+                mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            if len(self._mapped) >= self.MAPPED_SHARDS:
+                self._mapped.popitem(last=False)[1].close()
+            self._mapped[shard_id] = mapped
+        else:
+            self._mapped.move_to_end(shard_id)
+        begin, end = struct.unpack_from("<II", mapped, 4 * (1 + index))  # the shard's offset table
+        if end <= begin or end > len(mapped):
+            raise ValueError(f"sample {index} of shard {shard_id} has a bad offset ({begin}, {end})")
+        return self.shards[shard_id].decode_sample(mapped[begin:end])
+
     def _decode(self, sample_id: int, retry: int) -> tuple[Image.Image, str]:
         try:
-            sample = super().get_item(sample_id, retry)
-        except (ValueError, OSError) as error:  # a 'pil' column decodes inside streaming
+            sample = self.read_sample(sample_id, retry)
+        except (ValueError, OSError, struct.error) as error:  # a 'pil' column decodes inside streaming
             raise SampleError(f"unreadable sample ({type(error).__name__}: {error})") from None
         caption = clean_caption(sample[self.caption_key])
         image = sample[self.image_key]

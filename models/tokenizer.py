@@ -51,6 +51,8 @@ _NUM_MERGES = 49152 - 256 - 2
 _END_OF_WORD = "</w>"
 # A word's BPE result is kept once computed; the cache is emptied when it grows past this many words.
 _MAX_CACHED_WORDS = 1_000_000
+# Whole captions likewise (datasets of class names or templates repeat them; unique captions only cost the lookup).
+_MAX_CACHED_CAPTIONS = 10_000
 
 
 class ClipTokenizer:
@@ -106,6 +108,7 @@ class ClipTokenizer:
             specials + r"|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+", regex.IGNORECASE
         )
         self._cache: dict[str, tuple[int, ...]] = {}
+        self._caption_cache: dict[str, tuple[int, ...]] = {}
 
     def encode(self, text: str) -> list[int]:
         """Cleans ``text`` and returns its BPE token ids, without start or end token.
@@ -166,13 +169,20 @@ class ClipTokenizer:
         length = self.context_length if context_length is None else context_length
         _check_context_length(length, "context_length")
 
-        tokens = torch.zeros(len(texts), length, dtype=torch.long)  # (N, L)
-        for row, text in enumerate(texts):
-            ids = [self.sot_token_id, *self.encode(text), self.eot_token_id]
+        if not texts:
+            return torch.zeros(0, length, dtype=torch.long)
+        rows = []
+        for text in texts:
+            ids = self._caption_cache.get(text)
+            if ids is None:
+                ids = (self.sot_token_id, *self.encode(text), self.eot_token_id)
+                if len(self._caption_cache) >= _MAX_CACHED_CAPTIONS:
+                    self._caption_cache.clear()
+                self._caption_cache[text] = ids
             if len(ids) > length:
-                ids = [*ids[: length - 1], self.eot_token_id]
-            tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return tokens
+                ids = (*ids[: length - 1], self.eot_token_id)
+            rows.append((*ids, *(0,) * (length - len(ids))))
+        return torch.tensor(rows, dtype=torch.long)  # (N, L)
 
     def _encode_piece(self, piece: str) -> tuple[int, ...]:
         """Returns the ids of one piece of the split caption, from the cache when it has been seen."""

@@ -96,17 +96,19 @@ def test_transforms_equal_openclips(train, mode):
     from open_clip.transform import image_transform as openclip_transform
     from PIL import Image
 
-    pixels = np.random.default_rng(0).integers(0, 256, (30, 41, 3), dtype=np.uint8)
-    image = Image.fromarray(pixels).convert(mode)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    ours, theirs = image_transform(24, train, mean, std), openclip_transform(24, train, mean, std)
-    for seed in range(3):
-        torch.manual_seed(seed)
-        expected = theirs(image)
-        torch.manual_seed(seed)
-        actual = ours(image)
-        assert actual.dtype == expected.dtype == torch.float32 and actual.shape == (3, 24, 24)
-        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+    for size, photo in ((24, (30, 41)), (160, (200, 170))):  # small images normalize through NumPy, large through torch
+        pixels = np.random.default_rng(0).integers(0, 256, (*photo, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels).convert(mode)
+        ours, theirs = image_transform(size, train, mean, std), openclip_transform(size, train, mean, std)
+        for seed in range(3):
+            torch.manual_seed(seed)
+            expected = theirs(image)
+            torch.manual_seed(seed)
+            actual = ours(image)
+            assert actual.dtype == expected.dtype == torch.float32 and actual.shape == (3, size, size)
+            assert actual.is_contiguous()
+            torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [(32, 32), (41, 30), (8, 8), (300, 200), (100, 5), (5, 100)])

@@ -44,13 +44,19 @@ def jpeg(value: int, size: int = 16) -> bytes:
 
 
 def write_mds(
-    folder: Path, num: int, prefix: str = "sample", bad: dict[int, str] | None = None, encoding="jpeg"
+    folder: Path,
+    num: int,
+    prefix: str = "sample",
+    bad: dict[int, str] | None = None,
+    encoding="jpeg",
+    compression: str | None = None,
 ) -> Path:
     """``num`` samples captioned ``f"{prefix} {i}"``; ``bad`` maps an index to 'image' or 'caption' damage."""
     from streaming import MDSWriter
 
     bad = bad or {}
-    with MDSWriter(out=str(folder), columns={"jpg": encoding, "txt": "str"}, size_limit=1 << 12) as writer:
+    columns = {"jpg": encoding, "txt": "str"}
+    with MDSWriter(out=str(folder), columns=columns, size_limit=1 << 12, compression=compression) as writer:
         for i in range(num):
             image, caption = jpeg(i), f"{prefix} {i}"
             if bad.get(i) == "image":
@@ -327,6 +333,42 @@ def test_with_a_cache_limit_evicted_shards_are_fetched_again(tmp_path, monkeypat
         assert sorted(sum((sample_ids(tokens) for _, tokens in data), [])) == list(range(64))
     assert sum(len(states) for states in calls.values()) >= 2 * 64
     assert len(list((tmp_path / "copy").glob("*.mds"))) <= 4  # evicted: at most four shards fit
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_local_shards_are_read_through_memory_maps(tmp_path, monkeypatch, compression):
+    """A shard local for good is read from a memory map: streaming's bytes for every sample, however many maps."""
+    from streaming import StreamingDataset
+
+    from cadenza.datasets.mds import MDSImageCaptions
+
+    monkeypatch.setattr(MDSImageCaptions, "MAPPED_SHARDS", 2)  # fewer maps than shards: maps are closed and reopened
+    remote = str(write_mds(tmp_path / "mds", 64, compression=compression))
+    data = loader(remote, 8, local=str(tmp_path / "copy"))
+    dataset = data.dataset
+    assert len(dataset.shards) > 2
+    for epoch in range(2):
+        data.set_epoch(epoch)
+        assert sorted(sum((sample_ids(tokens) for _, tokens in data), [])) == list(range(64))
+    assert dataset._ready_shards == set(range(len(dataset.shards)))
+    for sample_id in range(64):
+        assert dataset.read_sample(sample_id) == StreamingDataset.get_item(dataset, sample_id)
+    assert 0 < len(dataset._mapped) <= 2
+
+
+def test_a_damaged_offset_table_skips_the_sample(tmp_path):
+    """A shard whose offset table points past its end: the sample is skipped and counted, never a crash."""
+    remote = write_mds(tmp_path / "mds", 16)
+    shard = sorted(remote.glob("*.mds"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[8:12] = (len(raw) + 100).to_bytes(4, "little")  # sample 0 ends beyond the file
+    shard.write_bytes(bytes(raw))
+    data = loader(str(remote), 4, shuffle=False)
+    dataset = data.dataset
+    dataset.prepare_shard(0)
+    assert 0 in dataset._ready_shards
+    sample = dataset.get_item(0)
+    assert sample.skipped and "bad offset" in sample.skipped[0]
 
 
 # -- streams, epoch size, encodings -------------------------------------------------------------------------

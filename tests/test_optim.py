@@ -109,7 +109,9 @@ def test_fused_adamw_takes_foreachs_steps():
     torch.manual_seed(0)
     models = [create_model("tiny-vit") for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    optimizers = [build_optimizer(_optim_cfg(lr=1e-3, fused=fused), m) for fused, m in zip((True, False), models)]
+    optimizers = [
+        build_optimizer(_optim_cfg(lr=1e-3, fused=fused), m) for fused, m in zip((True, False), models, strict=True)
+    ]
     start = models[0].visual.trunk.patch_embed.proj.weight.detach().clone()
     for _ in range(10):
         grads = [torch.randn_like(p) for p in models[0].parameters()]

@@ -93,6 +93,15 @@ def test_long_caption_is_truncated_keeping_eot_last(tokenizer, reference, contex
     assert torch.equal(tokens, reference(LONG_CAPTION, context_length=context_length))
 
 
+def test_a_repeated_caption_is_cut_for_each_call(reference):
+    """Captions are cached whole: the second call, at another length, is still OpenCLIP's row."""
+    tokenizer = ClipTokenizer()
+    for context_length in (77, 8, 77, 8):
+        expected = reference([LONG_CAPTION, "a cat"], context_length=context_length)
+        assert torch.equal(tokenizer([LONG_CAPTION, "a cat"], context_length=context_length), expected)
+    assert LONG_CAPTION in tokenizer._caption_cache
+
+
 def test_caption_that_exactly_fits_is_not_cut(tokenizer):
     ids = tokenizer.encode(LONG_CAPTION)[:30]
     text = tokenizer.decode(ids)
