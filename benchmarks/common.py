@@ -115,6 +115,7 @@ def speed_run_overrides(model: str, batch: int, precision: str, steps: int, work
         "run.device=auto",
         "run.log_interval=1ba",
         "optim.warmup=1ba",
+        "optim.grad_clip_norm=null",  # OpenCLIP's default (tiny.yaml clips); equal settings, equal work
         f"run.logs={logs}",
         "checkpoint.save_interval=100000ba",
         "loggers.console=null",

@@ -29,7 +29,9 @@ resume stays exact; a source where nothing decodes is a ``DataError`` naming it 
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import statistics
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -40,6 +42,8 @@ from cadenza.datasets.context import LoaderContext
 from cadenza.datasets.samples import SampleCollator, SkipCounter
 from cadenza.engine.dist import DistInfo
 from cadenza.engine.registry import DATASETS
+
+log = logging.getLogger("cadenza")
 
 #: ``streams:`` entries: where a stream is, and how much of it an epoch takes (one of the last three)
 STREAM_KEYS = ("remote", "local", "split", "proportion", "repeat", "choose")
@@ -161,11 +165,43 @@ class StreamingLoader:
         self._skips = SkipCounter(f"streaming {self.describe()}")
         self.dataset = self.loader = None
         self._build()
+        self._check_cache_limit()
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"an epoch has {self.dataset.epoch_size} samples, fewer than one global batch "
                 f"({context.batch_size} x {context.dist.world_size} processes); lower data.batch_size or add data"
             )
+
+    def _check_cache_limit(self) -> None:
+        """Warn when ``cache_limit`` cannot hold the shards its readers may need at once.
+
+        Each reader (a DataLoader worker, or the process without workers; the processes of a node share the
+        cache) downloads ``predownload`` samples ahead. Shuffled, each of them may sit in another shard; in
+        order, they span a few shards. When those do not fit, streaming evicts shards that are still to be
+        read and downloads them again (thrashing), and it can evict one a reader is already waiting for:
+        that reader then waits forever, with no error (seen with streaming 0.13).
+        """
+        dataset = self.dataset
+        if not dataset.cache_limit:
+            return
+        largest = max(shard.get_max_size() for shard in dataset.shards)
+        readers = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * max(self.context.workers, 1)
+        window = int(dataset.predownload)
+        if self.shuffle:
+            per_reader = window
+        else:
+            per_reader = -(-window // max(int(statistics.median(dataset.samples_per_shard)), 1)) + 1
+        in_use = min(readers * per_reader + 1, dataset.num_shards)  # + 1: the shard being downloaded
+        if dataset.cache_limit < in_use * largest:
+            order = "shuffled" if self.shuffle else "in order"
+            log.warning(
+                "streaming %s: cache_limit (%d bytes) holds %d of its largest shards (%d bytes), but up to %d can be "
+                "in use at once (%d readers x predownload %d samples, %s). streaming then downloads shards again and "
+                "again, and can stall forever waiting for an evicted one. Raise cache_limit to at least %d bytes, or "
+                "lower predownload or data.workers.",
+                self.describe(), dataset.cache_limit, dataset.cache_limit // largest, largest, in_use, readers,
+                window, order, in_use * largest,
+            )  # fmt: skip
 
     def _sources(self, remote, local, streams, split) -> list[dict[str, Any]]:
         """One mapping of ``Stream`` arguments per source, with its local folder decided."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 from pathlib import Path
@@ -333,6 +334,22 @@ def test_with_a_cache_limit_evicted_shards_are_fetched_again(tmp_path, monkeypat
         assert sorted(sum((sample_ids(tokens) for _, tokens in data), [])) == list(range(64))
     assert sum(len(states) for states in calls.values()) >= 2 * 64
     assert len(list((tmp_path / "copy").glob("*.mds"))) <= 4  # evicted: at most four shards fit
+
+
+def test_a_cache_limit_too_small_for_the_read_ahead_is_warned_about(tmp_path, caplog):
+    """Shuffled reads with predownload 64 can need every shard at once: 4 shards of cache can stall streaming."""
+    remote = str(write_mds(tmp_path / "mds", 64))
+    sizes = [path.stat().st_size for path in Path(remote).glob("*.mds")]
+    with caplog.at_level(logging.WARNING, logger="cadenza"):
+        loader(remote, 8, local=str(tmp_path / "a"), cache_limit=4 * max(sizes))  # predownload: 8 x batch 8
+    assert f"cache_limit ({4 * max(sizes)} bytes) holds 4 of its largest shards" in caplog.text
+    assert f"up to {len(sizes)} can be in use at once (1 readers x predownload 64 samples, shuffled)" in caplog.text
+    assert f"Raise cache_limit to at least {len(sizes) * max(sizes)} bytes" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cadenza"):
+        loader(remote, 8, local=str(tmp_path / "b"), cache_limit=len(sizes) * max(sizes))  # everything fits
+        loader(remote, 8, local=str(tmp_path / "c"), cache_limit=4 * max(sizes), predownload=8, shuffle=False)
+    assert "cache_limit" not in caplog.text  # the second: the in-order read the test above runs
 
 
 @pytest.mark.parametrize("compression", [None, "zstd"])
