@@ -34,9 +34,9 @@ COMPILE = (["--torchcompile"], ["algorithms.torch_compile={}"])
 CPU_CONFIGS = [
     ("ViT-B-32 fp32", "ViT-B-32", 32, "fp32", 6, 2, 2, [], []),
     ("ViT-B-32 amp_bf16", "ViT-B-32", 32, "amp_bf16", 6, 2, 2, [], []),
-    ("ViT-S-32 fp32", "ViT-S-32", 64, "fp32", 6, 2, 2, [], []),
+    ("ViT-S-32 fp32", "ViT-S-32", 64, "fp32", 10, 3, 2, [], []),
     ("ViT-S-32 amp_bf16", "ViT-S-32", 64, "amp_bf16", 6, 2, 2, [], []),
-    ("ViT-S-32 fp32, each at its best (compiled)", "ViT-S-32", 64, "fp32", 10, 4, 2, *COMPILE),
+    ("ViT-S-32 fp32, each at its best (compiled)", "ViT-S-32", 64, "fp32", 12, 4, 2, *COMPILE),
 ]
 GPU_CONFIGS = [
     ("ViT-B-16 amp_bf16", "ViT-B-16", 256, "amp_bf16", 40, 10, 8, [], []),
