@@ -10,6 +10,7 @@ weighted. Costs a teacher forward per step.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cadenza.engine.algorithm import Algorithm
@@ -42,7 +43,10 @@ def build_teacher(name: str, pretrained: str | None, device: torch.device, dtype
 
 @torch.no_grad()
 def teacher_outputs(teacher: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The teacher's normalized features and scale, under the keys ``DistillClipLoss`` reads."""
+    """The teacher's normalized features and scale, under the keys ``DistillClipLoss`` reads. Captions cut after the
+    batch's longest (``model.trim_text_padding``) are padded back for a teacher whose text tower needs every position."""
+    if not getattr(teacher, "trims_text_padding", False) and tokens.shape[1] < teacher.context_length:
+        tokens = F.pad(tokens, (0, teacher.context_length - tokens.shape[1]), value=teacher.text.pad_id)
     out = teacher(images, tokens)
     return {
         "dist_image_features": out["image_features"],

@@ -13,17 +13,31 @@ class SyntheticDataset(Dataset):
     """``num_samples`` pairs of a standard-normal image and a random caption of token ids.
 
     Sample ``i`` depends only on ``(seed, i)``, so any order, worker count or resume point sees the
-    same data. Captions are ``[SOT, random ids..., EOT, 0...]`` with lengths from 1 to the context.
+    same data. Captions are ``[SOT, random ids..., EOT, 0...]`` with lengths from 1 to ``max_caption_length``.
 
     Args:
         num_samples: the epoch's size.
+        max_caption_length: the most random ids in a caption (default: as many as the context holds). Real
+            captions are short: this sets what ``model.trim_text_padding`` can save in a speed run.
         image_size, context_length, vocab_size: from the model (set by the trainer).
         seed: set by the trainer from ``run.seed``.
     """
 
-    def __init__(self, num_samples: int, image_size: int, context_length: int, vocab_size: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        image_size: int,
+        context_length: int,
+        vocab_size: int,
+        seed: int = 0,
+        max_caption_length: int | None = None,
+    ) -> None:
         if num_samples < 1:
             raise ValueError("num_samples must be at least 1")
+        longest = context_length - 2  # SOT and EOT around the ids
+        if max_caption_length is not None and not 1 <= max_caption_length <= longest:
+            raise ValueError(f"max_caption_length must be from 1 to {longest} (the context holds SOT and EOT too)")
+        self.max_caption_length = longest if max_caption_length is None else max_caption_length
         self.num_samples = num_samples
         self.image_size = image_size
         self.context_length = context_length
@@ -38,7 +52,7 @@ class SyntheticDataset(Dataset):
             raise IndexError(index)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         image = torch.randn(3, self.image_size, self.image_size, generator=generator)  # (3, H, W)
-        length = int(torch.randint(1, self.context_length - 1, (1,), generator=generator))
+        length = int(torch.randint(1, self.max_caption_length + 1, (1,), generator=generator))
         tokens = torch.zeros(self.context_length, dtype=torch.long)  # (L,)
         sot, eot = self.vocab_size - 2, self.vocab_size - 1
         tokens[0] = sot

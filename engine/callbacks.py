@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from cadenza.engine import dist
 from cadenza.engine.algorithm import Callback
-from cadenza.engine.mfu import flops_per_sample, peak_flops
+from cadenza.engine.mfu import FlopsByTextLength, peak_flops
 from cadenza.engine.registry import CALLBACKS  # noqa: F401 - the registry user callbacks join
 
 if TYPE_CHECKING:
@@ -37,8 +37,9 @@ class TrainMetrics(Callback):
     window, so samples/s is the real rate over the whole window, not one step's. Time between the end
     of one step and the start of the next (checkpoint saves, evaluation, epoch ends) is not counted.
 
-    ``train/mfu`` is counted FLOPs per sample (forward + backward, see ``engine/mfu.py``) times
-    samples/s per device, over the device's peak (``peak_tflops``, else a measured matmul peak).
+    ``train/mfu`` is the FLOPs counted for the window's samples (forward + backward, at the caption length the text
+    tower ran: see ``engine/mfu.py``) per second and device, over the device's peak (``peak_tflops``, else a
+    measured matmul peak), averaged over processes.
 
     Args:
         interval: steps per logging window.
@@ -48,7 +49,7 @@ class TrainMetrics(Callback):
     def __init__(self, interval: int, peak_tflops: float | None = None) -> None:
         self.interval = max(interval, 1)
         self.peak_tflops = peak_tflops
-        self._flops_per_sample = 0.0
+        self._flops_per_sample: FlopsByTextLength | None = None
         self._peak = 0.0
         self._warned_peak = False
         self._skipped_before = 0  # data/skipped counted by the runs this one resumed
@@ -61,11 +62,12 @@ class TrainMetrics(Callback):
         self._data_time = 0.0
         self._steps = 0
         self._samples = 0
+        self._flops = 0.0  # this process's
         self._loss_sums: dict[str, torch.Tensor] = {}
 
     def init(self, state: State, logger: Logger) -> None:
         # After the algorithms changed the model, before DDP or FSDP wraps it (FSDP's hooks cannot run on meta).
-        self._flops_per_sample = flops_per_sample(state.model, state.precision)
+        self._flops_per_sample = FlopsByTextLength(state.model, state.precision)
 
     def fit_start(self, state: State, logger: Logger) -> None:
         # measured (a matmul, ~1 s on CPU) at the first log, not here: a (re)started job's first step comes sooner
@@ -105,6 +107,8 @@ class TrainMetrics(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         self._steps += 1
         self._samples += state.samples_per_batch
+        for _, tokens in state.batch:  # (images, tokens) micro-batches, tokens maybe cut to the longest caption
+            self._flops += self._flops_per_sample(tokens.shape[-1]) * tokens.shape[0]
         for name, value in {"loss": state.loss, **state.loss_dict}.items():
             value = value.detach().float()
             self._loss_sums[name] = self._loss_sums[name] + value if name in self._loss_sums else value
@@ -125,7 +129,9 @@ class TrainMetrics(Callback):
                 "train/logit_scale": model.logit_scale.exp().item(),
                 "train/samples_per_second": self._samples / elapsed,
                 "train/samples_per_second_per_gpu": self._samples / elapsed / state.dist.world_size,
-                "train/mfu": self._flops_per_sample * self._samples / elapsed / state.dist.world_size / self._peak,
+                "train/mfu": dist.all_reduce_mean(
+                    torch.tensor(self._flops / elapsed / self._peak, device=state.device)
+                ).item(),
                 "train/data_time": self._data_time / self._steps,
                 "train/batch_time": elapsed / self._steps,
                 "train/epoch": state.timestamp.epoch,

@@ -42,6 +42,7 @@ class ModelConfig:
     name: str = "tiny-vit"  # an OpenCLIP architecture name (see README)
     pretrained: str | None = None  # local file, s3:// URI or OpenCLIP tag (e.g. laion2b_s34b_b79k)
     overrides: dict[str, Any] = field(default_factory=dict)  # architecture fields to change
+    trim_text_padding: bool | None = None  # run the text tower up to the batch's longest caption; default: where exact
 
 
 @dataclass

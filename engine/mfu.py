@@ -19,13 +19,59 @@ from torch.utils.flop_counter import FlopCounterMode
 from cadenza.engine.precision import autocast_context, weights_dtype
 
 
-def flops_per_sample(model: nn.Module, precision: str = "fp32", batch: int = 2) -> float:
-    """Forward + backward FLOPs of one training sample (frozen parameters get no weight gradients)."""
-    meta = {n: torch.empty_like(p, device="meta").requires_grad_(p.requires_grad) for n, p in model.named_parameters()}
-    meta.update({n: torch.empty_like(b, device="meta") for n, b in model.named_buffers()})
+def flops_per_sample(
+    model: nn.Module, precision: str = "fp32", batch: int = 2, text_length: int | None = None
+) -> float:
+    """Forward + backward FLOPs of one training sample (frozen parameters get no weight gradients), with captions of
+    ``text_length`` tokens (default: the model's context)."""
     dtype = weights_dtype(precision)  # bf16 / fp16 runs feed their images in the weights' dtype
     images = torch.zeros(batch, 3, model.image_size, model.image_size, dtype=dtype, device="meta")
-    tokens = torch.zeros(batch, model.context_length, dtype=torch.long, device="meta")
+    tokens = torch.zeros(batch, text_length or model.context_length, dtype=torch.long, device="meta")
+    return _count(_ForwardBackward(model), "model.", model, precision, (images, tokens)) / batch
+
+
+class FlopsByTextLength:
+    """FLOPs per sample as a function of the caption length the text tower really ran (``model.trim_text_padding``
+    cuts captions to the batch's longest): the whole model counted once at the full context, and the text tower's
+    count, which is a quadratic in the length (projections grow with it, attention with its square), fitted exactly
+    through three counted lengths. Counted before any wrapper (FSDP's hooks cannot run on meta tensors)."""
+
+    def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
+        self.context_length = model.context_length
+        self.full = flops_per_sample(model, precision)
+        self._coefficients: tuple[float, float, float] | None = None
+        if getattr(model, "trims_text_padding", False):
+            lengths = (8, 16, self.context_length) if self.context_length > 16 else (1, 2, self.context_length)
+            counts = [_text_flops(model.text, precision, length) for length in lengths]
+            self._coefficients = _quadratic_through(lengths, counts)
+
+    def __call__(self, text_length: int) -> float:
+        if self._coefficients is None or text_length >= self.context_length:
+            return self.full
+        a, b, c = self._coefficients
+        at = lambda length: a * length * length + b * length + c  # noqa: E731
+        return self.full - at(self.context_length) + at(text_length)
+
+
+def _text_flops(text: nn.Module, precision: str, length: int, batch: int = 2) -> float:
+    tokens = torch.zeros(batch, length, dtype=torch.long, device="meta")
+    return _count(_Backward(text), "module.", text, precision, (tokens,)) / batch
+
+
+def _quadratic_through(xs: tuple[int, ...], ys: list[float]) -> tuple[float, float, float]:
+    """``(a, b, c)`` with ``a x^2 + b x + c = y`` at the three points (Lagrange; counts are exact integers)."""
+    (x0, x1, x2), (y0, y1, y2) = xs, ys
+    d0, d1, d2 = y0 / ((x0 - x1) * (x0 - x2)), y1 / ((x1 - x0) * (x1 - x2)), y2 / ((x2 - x0) * (x2 - x1))
+    a = d0 + d1 + d2
+    b = -(d0 * (x1 + x2) + d1 * (x0 + x2) + d2 * (x0 + x1))
+    c = d0 * x1 * x2 + d1 * x0 * x2 + d2 * x0 * x1
+    return a, b, c
+
+
+def _count(wrapper: nn.Module, prefix: str, model: nn.Module, precision: str, inputs: tuple) -> float:
+    """FLOPs of ``wrapper(*inputs)`` (which runs its own backward) with ``model``'s parameters on the meta device."""
+    meta = {n: torch.empty_like(p, device="meta").requires_grad_(p.requires_grad) for n, p in model.named_parameters()}
+    meta.update({n: torch.empty_like(b, device="meta") for n, b in model.named_buffers()})
     # Model FLOPs, not hardware FLOPs: recomputation by activation checkpointing is not counted.
     checkpointed = [m for m in model.modules() if getattr(m, "grad_checkpointing", False) is True]
     for module in checkpointed:
@@ -34,11 +80,11 @@ def flops_per_sample(model: nn.Module, precision: str = "fp32", batch: int = 2) 
     try:
         with counter, autocast_context(precision, torch.device("cpu")):
             # backward inside the call, so anything it recomputes also sees the meta parameters
-            functional_call(_ForwardBackward(model), {f"model.{k}": v for k, v in meta.items()}, (images, tokens))
+            functional_call(wrapper, {f"{prefix}{k}": v for k, v in meta.items()}, inputs)
     finally:
         for module in checkpointed:
             module.grad_checkpointing = True
-    return counter.get_total_flops() / batch
+    return counter.get_total_flops()
 
 
 class _ForwardBackward(nn.Module):
@@ -52,6 +98,19 @@ class _ForwardBackward(nn.Module):
         loss = sum(v.float().sum() for k, v in out.items() if k.endswith("features") or k == "logits")
         if loss.requires_grad:
             loss.backward()
+
+
+class _Backward(nn.Module):
+    """One module's forward, and its backward when its output has a gradient."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *inputs: torch.Tensor) -> None:
+        out = self.module(*inputs).float().sum()
+        if out.requires_grad:
+            out.backward()
 
 
 def matmul_dtype(precision: str) -> torch.dtype:

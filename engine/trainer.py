@@ -91,6 +91,7 @@ class Trainer:
         overrides = {**LOSS_MODEL_INIT.get(cfg.loss.name, {}), **_plain(cfg.model.overrides)}
         model = MODELS.build(cfg.model.name, {"pretrained": cfg.model.pretrained, "overrides": overrides}, "model")
         model = model.to(device=device, dtype=weights_dtype(cfg.run.precision))
+        self.trim_text = trims_text_padding(cfg, model)
         seed_everything(cfg.run.seed + info.rank)
 
         # Data: built from the model's input sizes. Durations follow from its length.
@@ -259,7 +260,7 @@ class Trainer:
         if state.eval_loader is not None:
             callbacks.append(RetrievalEvaluator())
         zero_shot = build_zero_shot(
-            cfg.eval.zero_shot, state.model, cfg.model.name, cfg.data.batch_size, cfg.data.workers
+            cfg.eval.zero_shot, state.model, cfg.model.name, cfg.data.batch_size, cfg.data.workers, self.trim_text
         )
         if zero_shot is not None:
             callbacks.append(zero_shot)
@@ -282,6 +283,7 @@ class Trainer:
             state.device,
         )
         log.info("algorithms: %s", ", ".join(map(repr, state.algorithms)) or "none")
+        log.info("text tower: %s", "captions cut after the batch's longest" if self.trim_text else "full context")
         if state.train_loader is not None:
             log.info(
                 "training %d steps (%d per epoch) of %d samples (%d processes x %d x accum %d); warmup %d steps",
@@ -369,6 +371,8 @@ class Trainer:
 
     def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         images, tokens = batch
+        if self.trim_text:  # on the CPU, before the copy: no device sync
+            tokens = self.state.model.trim_text_padding(tokens)
         dtype = weights_dtype(self.state.precision)
         return images.to(self.state.device, dtype=dtype, non_blocking=True), tokens.to(
             self.state.device, non_blocking=True
@@ -485,6 +489,20 @@ class Trainer:
 
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def trims_text_padding(cfg: DictConfig, model: nn.Module) -> bool:
+    """``model.trim_text_padding``: unset, on where it leaves the model's function unchanged; true where it cannot
+    is a config error (not a setting silently ignored)."""
+    setting = cfg.model.get("trim_text_padding")
+    able = bool(getattr(model, "trims_text_padding", False))
+    if setting and not able:
+        raise ConfigError(
+            "model.trim_text_padding",
+            f"model.name={cfg.model.name} reads every token position (CoCa pools a class token placed after the whole "
+            "context), so cutting captions would change its output; remove the setting or set it to false.",
+        )
+    return able if setting is None else bool(setting)
 
 
 def train(cfg: DictConfig) -> State:

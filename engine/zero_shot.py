@@ -258,8 +258,11 @@ class ZeroShotEvaluator(Callback):
         return {f"{prefix}-top1": top1 / max(scored, 1), f"{prefix}-top5": top5 / max(scored, 1)}
 
 
-def build_zero_shot(cfg: Any, model: torch.nn.Module, model_name: str, batch_size: int, workers: int):
-    """The evaluator for the ``eval.zero_shot`` section (``None`` when its ``path`` is unset)."""
+def build_zero_shot(
+    cfg: Any, model: torch.nn.Module, model_name: str, batch_size: int, workers: int, trim_text: bool = False
+):
+    """The evaluator for the ``eval.zero_shot`` section (``None`` when its ``path`` is unset). ``trim_text``: prompts
+    are cut after the batch's longest (``model.trim_text_padding``)."""
     if cfg.path is None:
         return None
     from cadenza.datasets.transforms import image_transform
@@ -272,10 +275,16 @@ def build_zero_shot(cfg: Any, model: torch.nn.Module, model_name: str, batch_siz
         cfg.templates if isinstance(cfg.templates, str) or cfg.templates is None else list(cfg.templates),
         cfg.name,
         transform=image_transform(model.image_size, False, model.image_mean, model.image_std),
-        tokenizer=get_tokenizer(model_name, context_length=model.context_length),
+        tokenizer=_trimmed(get_tokenizer(model_name, context_length=model.context_length), model)
+        if trim_text
+        else get_tokenizer(model_name, context_length=model.context_length),
         batch_size=batch_size,
         workers=workers,
     )
+
+
+def _trimmed(tokenizer: Callable[[list[str]], torch.Tensor], model: torch.nn.Module):
+    return lambda texts: model.trim_text_padding(tokenizer(texts))
 
 
 __all__ = [

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cadenza.models.text import TextTransformer
+from cadenza.models.text import TextTransformer, trim_padding
 from cadenza.models.vision import TimmImageTower
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -56,6 +56,15 @@ class CLIP(nn.Module):
     @property
     def vocab_size(self) -> int:
         return self.text.vocab_size
+
+    @property
+    def trims_text_padding(self) -> bool:
+        """Whether every part of the model reading tokens gives the same result on :func:`trim_padding`'s output."""
+        return self.text.trims_padding
+
+    def trim_text_padding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Captions cut after the batch's last non-padding token, if that leaves this model's function unchanged."""
+        return trim_padding(tokens, self.text.pad_id) if self.trims_text_padding else tokens
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.visual(images)

@@ -71,8 +71,9 @@ def write_mds(
 
 
 def sample_ids(tokens: torch.Tensor, prefix: str = "sample") -> list[int]:
-    """Recover ``i`` from the token rows of captions ``f"{prefix} {i}"``."""
+    """Recover ``i`` from the token rows of captions ``f"{prefix} {i}"`` (the trainer may have cut their padding)."""
     lookup = {tuple(row.tolist()): i for i, row in enumerate(TOKENIZER([f"{prefix} {i}" for i in range(512)]))}
+    tokens = torch.nn.functional.pad(tokens, (0, CONTEXT_LENGTH - tokens.shape[1]))
     return [lookup[tuple(row.tolist())] for row in tokens]
 
 
