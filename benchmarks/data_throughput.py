@@ -110,9 +110,9 @@ def context_for(image_size: int, batch_size: int, workers: int, cache_dir: str |
     )
 
 
-def loader_rate(loader, max_batches: int | None = None) -> float:
+def loader_rate(loader, max_batches: int | None = None, epoch: int = 0) -> float:
     """Images/s over one epoch after the first batch."""
-    loader.set_epoch(0)
+    loader.set_epoch(epoch)
     batches = iter(loader)
     next(batches)
     images, start = 0, time.perf_counter()
@@ -201,34 +201,41 @@ def quickstart_rows(steps: int, rounds: int) -> list[dict]:
     model = create_model(cfg.model.name, **dict(cfg.model.overrides))
     optimizer = build_optimizer(cfg.optim, model)
     loss_fn = ClipLoss()
-    images = torch.randn(batch_size, 3, model.image_size, model.image_size)
-    tokens = torch.randint(1, 1000, (batch_size, model.context_length))
-
-    def step() -> None:
-        outputs = model(images, tokens)
-        loss = sum(loss_fn(**outputs).values())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def model_rate() -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        return steps * batch_size / (time.perf_counter() - start)
-
-    for _ in range(3):
-        step()
     with tempfile.TemporaryDirectory() as tmp:
         build(tmp, size=model.image_size, progress=False)
         context = context_for(model.image_size, batch_size, workers, cache_dir=f"{tmp}/cache")
+        # the quickstart's loader settings: its worker persists from epoch to epoch, as in training
         context = LoaderContext(**{**context.__dict__, "context_length": model.context_length,
-                                   "tokenizer": get_tokenizer(None, model.context_length)})  # fmt: skip
+                                   "tokenizer": get_tokenizer(None, model.context_length),
+                                   "persistent_workers": cfg.data.persistent_workers,
+                                   "prefetch_factor": cfg.data.prefetch_factor})  # fmt: skip
         loader = build_loader("streaming", {"remote": f"{tmp}/mds"}, context)
+        # A real batch (the first 32 samples), its captions cut after the longest as the trainer does
+        # (model.trim_text_padding); read without the loader, which is timed from a fresh state below
+        batch = [loader.dataset.get_item(index) for index in range(batch_size)]
+        images = torch.stack([sample.image for sample in batch])
+        tokens = model.trim_text_padding(context.tokenizer([sample.caption for sample in batch]))
+        print(f"quickstart: the model step's captions run {tokens.shape[1]} of {model.context_length} positions")  # noqa: T201
+
+        def step() -> None:
+            outputs = model(images, tokens)
+            loss = sum(loss_fn(**outputs).values())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def model_rate() -> float:
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            return steps * batch_size / (time.perf_counter() - start)
+
+        for _ in range(3):
+            step()
         model_rates, data_rates = [], []
-        for _ in range(rounds):  # alternately, so that a change in the machine's load hits both
+        for epoch in range(1, rounds + 1):  # alternately, so that a change in the machine's load hits both
             model_rates.append(model_rate())
-            data_rates.append(loader_rate(loader))
+            data_rates.append(loader_rate(loader, epoch=epoch))  # consecutive epochs, as training runs them
         model_rate, data_rate = statistics.median(model_rates), statistics.median(data_rates)
         waiting, step_time = data_wait_in_training(tmp, steps)
     ratio, share = data_rate / model_rate, 100 * waiting / step_time

@@ -40,3 +40,23 @@ class LoaderContext:
     persistent_workers: bool = False
     prefetch_factor: int = 2
     cache_dir: str | None = None
+
+    def worker_options(self) -> dict[str, Any]:
+        """The ``DataLoader`` arguments that apply only with worker processes (it refuses them without)."""
+        if self.workers == 0:
+            return {}
+        return {
+            "persistent_workers": self.persistent_workers,
+            "prefetch_factor": self.prefetch_factor,
+            "worker_init_fn": share_batches_by_name,
+        }
+
+
+def share_batches_by_name(worker_id: int) -> None:
+    """In a DataLoader worker: send batches to the training process as named shared memory (torch's
+    ``file_system`` strategy, whose segments torch_shm_manager removes) instead of passing a file descriptor per
+    tensor, which costs a socket connection and an authentication handshake with the worker each time: 14% of a
+    quickstart worker's CPU time on a 2-core EPYC."""
+    import torch.multiprocessing
+
+    torch.multiprocessing.set_sharing_strategy("file_system")

@@ -109,9 +109,6 @@ class ResumableLoader:
                 f"the dataset has {len(dataset)} samples, fewer than one global batch "
                 f"({context.batch_size} x {context.dist.world_size} processes); lower data.batch_size or add data"
             )
-        worker_args: dict[str, Any] = {}
-        if context.workers > 0:
-            worker_args = {"persistent_workers": context.persistent_workers, "prefetch_factor": context.prefetch_factor}
         self.loader = DataLoader(
             dataset,
             batch_size=context.batch_size,
@@ -121,7 +118,7 @@ class ResumableLoader:
             drop_last=False,
             collate_fn=getattr(dataset, "collate_fn", None),
             generator=torch.Generator().manual_seed(context.seed),  # worker seeds never draw from the training RNG
-            **worker_args,
+            **context.worker_options(),
         )
         self._consumed_batches = 0
         self._skips = SkipCounter(str(getattr(dataset, "source", type(dataset).__name__)))

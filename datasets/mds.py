@@ -6,7 +6,6 @@ the loader imports this module only when a streaming dataset is built.
 
 from __future__ import annotations
 
-import io
 import mmap
 import os
 import struct
@@ -26,6 +25,7 @@ from cadenza.datasets.samples import (
     clean_caption,
     decode_image,
     nothing_decodes,
+    open_image,
     sample_seed,
     substitutes,
     transform_sample,
@@ -45,7 +45,7 @@ def decode_image_at_least(data: bytes, min_size: int | None) -> Image.Image:
     if min_size is None or data[:3] != b"\xff\xd8\xff":
         return decode_image(data)
     try:
-        image = Image.open(io.BytesIO(data))
+        image = open_image(data)
         image.draft("RGB", (min_size, min_size))
         image.load()
     except Exception as error:  # noqa: BLE001 - PIL raises many types for bad data

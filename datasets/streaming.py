@@ -242,9 +242,6 @@ class StreamingLoader:
             **self._dataset_args,
         )  # fmt: skip
         context = self.context
-        worker_args: dict[str, Any] = {}
-        if context.workers > 0:
-            worker_args = {"persistent_workers": context.persistent_workers, "prefetch_factor": context.prefetch_factor}
         self.loader = StreamingDataLoader(
             self.dataset,
             batch_size=self.batch_size,
@@ -254,7 +251,7 @@ class StreamingLoader:
                 context.tokenizer, (3, context.image_size, context.image_size), context.context_length
             ),
             drop_last=False,
-            **worker_args,
+            **context.worker_options(),
         )
 
     def _release(self) -> None:

@@ -534,9 +534,6 @@ class WebDataset:
             self.buffer_size = min(shuffle_buffer or DEFAULT_SHUFFLE_BUFFER, share)
         self.pin_memory = context.pin_memory
         self._raw_batches = _RawBatches(self.batch_size)
-        worker_args: dict[str, Any] = {}
-        if context.workers > 0:
-            worker_args = {"persistent_workers": context.persistent_workers, "prefetch_factor": context.prefetch_factor}
         self.loader = DataLoader(
             _Decoder(context.transform, context.seed, self.dist.rank),
             batch_sampler=self._raw_batches,
@@ -546,7 +543,7 @@ class WebDataset:
             ),
             pin_memory=context.pin_memory,
             generator=torch.Generator().manual_seed(context.seed),  # worker seeds never draw from the training RNG
-            **worker_args,
+            **context.worker_options(),
         )
         self._skips = SkipCounter(self.source)
         self._decoded = 0

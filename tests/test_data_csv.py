@@ -89,7 +89,7 @@ def test_augmentation_is_seeded_per_sample_and_epoch(tmp_path):
 
 
 @pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
 def test_transforms_equal_openclips(train, mode):
     """Cadenza's transforms give OpenCLIP's pixels (float32 rounding apart) from the same RNG state."""
     import numpy as np
@@ -208,6 +208,55 @@ def test_a_csv_where_nothing_decodes_fails_clearly(tiny, tmp_path):
     trainer = Trainer(tiny(*csv_args(path), "data.val=null", "data.batch_size=8"))
     with pytest.raises(DataError, match=rf"no sample of csv {path} can be used: 16 tried.*undecodable image"):
         trainer.fit()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP"])
+def test_open_image_opens_what_image_open_opens(fmt, monkeypatch):
+    """PNG and JPEG skip Image.open's search through the formats: same image, same size limit."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cadenza.datasets.samples import decode_image, open_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(buffer, fmt)
+    data = buffer.getvalue()
+    ours, theirs = decode_image(data), Image.open(io.BytesIO(data))
+    theirs.load()
+    assert (ours.format, ours.mode, ours.size) == (theirs.format, theirs.mode, theirs.size)
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # 600 pixels: more than twice the limit
+    with pytest.raises(Image.DecompressionBombError):
+        open_image(data)
+    with pytest.raises(SampleError, match="DecompressionBombError"):
+        decode_image(data)
+
+
+def test_worker_batches_arrive_as_named_shared_memory_and_leave_none_behind(tmp_path):
+    """Workers send batches as torch's file_system shared memory: the same batches as without workers, and no
+    segment is left in /dev/shm once the loader is gone."""
+    import gc
+    from pathlib import Path
+
+    from cadenza.datasets.loader import ResumableLoader
+
+    path = write_csv(tmp_path / "data", 24)
+    shm = Path("/dev/shm")
+    before = set(shm.iterdir()) if shm.is_dir() else set()
+    batches = {}
+    for workers in (0, 1):
+        loader = ResumableLoader(CsvDataset(str(path), context(workers=workers)), context(workers=workers))
+        assert (loader.loader.worker_init_fn is not None) == (workers > 0)
+        batches[workers] = [(images.clone(), tokens.clone()) for images, tokens in loader]
+        del loader
+    gc.collect()
+    assert len(batches[1]) == len(batches[0]) == 3
+    for (a, ta), (b, tb) in zip(batches[0], batches[1], strict=True):
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+    if shm.is_dir():
+        assert set(shm.iterdir()) <= before
 
 
 def test_read_image_file_reasons(tmp_path):
