@@ -269,15 +269,14 @@ def build_zero_shot(
     from cadenza.models.tokenizer import get_tokenizer
 
     classnames = cfg.classnames if isinstance(cfg.classnames, str) or cfg.classnames is None else list(cfg.classnames)
+    tokenizer = get_tokenizer(model_name, context_length=model.context_length)
     return ZeroShotEvaluator(
         cfg.path,
         classnames,
         cfg.templates if isinstance(cfg.templates, str) or cfg.templates is None else list(cfg.templates),
         cfg.name,
         transform=image_transform(model.image_size, False, model.image_mean, model.image_std),
-        tokenizer=_trimmed(get_tokenizer(model_name, context_length=model.context_length), model)
-        if trim_text
-        else get_tokenizer(model_name, context_length=model.context_length),
+        tokenizer=_trimmed(tokenizer, model) if trim_text else tokenizer,
         batch_size=batch_size,
         workers=workers,
     )
