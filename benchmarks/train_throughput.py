@@ -32,7 +32,7 @@ from cadenza.models import create_model  # noqa: E402
 COMPILE = {"openclip_extra": ["--torchcompile"], "cadenza_extra": ["algorithms.torch_compile={}"]}
 #: Cadenza's synthetic captions hold 1 to 30 BPE ids (MS-COCO's captions average about 10 words); OpenCLIP's synthetic
 #: data is always "Dummy caption", and its trainer runs all 77 positions whatever the caption.
-SHORT_CAPTIONS = {"cadenza_extra": ["data.train.max_caption_length=30"], "caption_ids": 30}
+SHORT_CAPTIONS = {"caption_ids": 30}
 
 
 class Config(NamedTuple):
@@ -46,6 +46,11 @@ class Config(NamedTuple):
     openclip_extra: list[str] = []
     cadenza_extra: list[str] = []
     caption_ids: int | None = None  # the longest synthetic caption Cadenza gets (default: the context's)
+
+    @property
+    def cadenza_overrides(self) -> list[str]:
+        captions = [] if self.caption_ids is None else [f"data.train.max_caption_length={self.caption_ids}"]
+        return [*self.cadenza_extra, *captions]
 
 
 CPU_CONFIGS = [
@@ -87,7 +92,8 @@ def main() -> None:
     device = "cuda" if args.gpu else "cpu"
     rows = []
     for config in configs:
-        label, model, batch, precision, steps, warmup, workers, oc_extra, cz_extra, _ = config
+        label, model, batch, precision, steps, warmup, workers, oc_extra = config[:8]
+        cz_extra = config.cadenza_overrides
         with torch.device("meta"):
             meta_model = create_model(model)
             flops, cz_flops = flops_per_sample(meta_model, precision), cadenza_flops(config, meta_model, precision)
