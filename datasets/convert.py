@@ -6,7 +6,9 @@
 
 Each sample is written as its original encoded image bytes (no re-encoding) and its caption, in the
 columns ``jpg`` (MDS encoding ``jpeg``: plain ``streaming.StreamingDataset`` readers get a PIL image)
-and ``txt`` (``str``), with xxh64 hashes of every shard. An image folder also gets ``cls`` (the class
+and ``txt`` (``str``), with xxh64 hashes of every shard. ``--image-encoding pil`` stores decoded pixels
+instead, which are read without decoding: for small images (the quickstart's 32 px digits), whose PNG
+decode costs more per sample than the rest of loading. An image folder also gets ``cls`` (the class
 index). Every image is decoded once to check it; a sample whose image is missing or corrupt, or whose
 caption is empty, is skipped and counted. When the conversion completes, ``index.json`` holds exactly
 the samples written and ``cadenza-convert.json`` records the counts; a conversion that fails removes
@@ -31,7 +33,10 @@ import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+
+from PIL import Image
 
 from cadenza.datasets.samples import SampleError, SkipCounter, Skipped, clean_caption, decode_image
 from cadenza.datasets.storage import s3_client
@@ -132,8 +137,9 @@ def _file_item(path: str, caption: str, label: int | None = None) -> Item:
 
 
 # -- checking and writing ---------------------------------------------------------------------------------
-def check(item: Item) -> tuple[bytes, str, int | None] | str:
-    """``(image bytes, caption, label)`` if the sample is usable, else the reason it is not."""
+def check(item: Item, pixels: bool = False) -> tuple[bytes | Image.Image, str, int | None] | str:
+    """``(image, caption, label)`` if the sample is usable, else the reason it is not. The image is the encoded
+    bytes, or with ``pixels`` the decoded image for the MDS encoding ``pil`` (see ``stored_pixels``)."""
     if item.error is not None:
         return item.error
     image = item.image
@@ -141,10 +147,20 @@ def check(item: Item) -> tuple[bytes, str, int | None] | str:
         if item.file is not None:
             image = read_file(item.file)
         caption = clean_caption(item.caption)
-        decode_image(image)
+        decoded = decode_image(image)
     except SampleError as error:
         return str(error) if item.name in str(error) else f"{item.name}: {error}"
-    return image, caption, item.label
+    return stored_pixels(decoded) if pixels else image, caption, item.label
+
+
+def stored_pixels(image: Image.Image) -> Image.Image:
+    """What an MDS ``pil`` column stores of a decoded image: the image, except that a palette image becomes RGB
+    (RGBA if it has alpha), as that encoding keeps the mode, size and raw bytes but no palette. Training sees
+    the same pixels for every other mode. A palette image is then resized bicubic, where PIL resizes palette
+    images nearest-neighbor (OpenCLIP converts to RGB after the crop)."""
+    if image.mode in ("P", "PA"):
+        return image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    return image
 
 
 def read_file(path: str) -> bytes:
@@ -185,7 +201,8 @@ def convert(
             MDSWriter(out=out, columns=columns, hashes=["xxh64"], size_limit=size_limit, exist_ok=overwrite) as writer,
         ):
             for chunk in _chunks(items, 256):
-                for result in pool.map(check, chunk):  # reading and decoding run in threads; the order is kept
+                # reading and decoding run in threads; the order is kept
+                for result in pool.map(partial(check, pixels=columns[image_key] == "pil"), chunk):
                     bar.update(1)
                     if isinstance(result, str):
                         report.skipped += 1
@@ -300,8 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-encoding",
         default="jpeg",
-        choices=("jpeg", "bytes"),
-        help="MDS encoding of the image column; the original bytes are stored either way (default: jpeg)",
+        choices=("jpeg", "bytes", "pil"),
+        help="MDS encoding of the image column: jpeg and bytes store the original file; pil stores its decoded "
+        "pixels (palette images as RGB), read without decoding: for small images, whose decoding costs more "
+        "than the larger shards (default: jpeg)",
     )
     parser.add_argument("--size-limit", default="64mb", help="shard size (default: 64mb)")
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")

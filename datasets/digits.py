@@ -8,7 +8,9 @@ This splits them (seeded, stratified) into a training set and a held-out test se
 
     <out>/mds/            the training split as MDS shards (columns jpg, txt, cls), read by the
                           ``streaming`` loader; each image appears ``--captions`` times, with
-                          different captions
+                          different captions. The images are stored as pixels (MDS encoding
+                          ``pil``, 1 KB each): decoding a 32 px PNG took about a sixth of
+                          the loader's time
     <out>/test/<d>/*.png  the held-out split as an image folder, for ``eval.zero_shot``
 
 Captions vary so that the contrastive task is not one fixed sentence per class: several phrasings,
@@ -96,7 +98,7 @@ def build(
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    columns = {"jpg": "bytes", "txt": "str", "cls": "int"}
+    columns = {"jpg": "pil", "txt": "str", "cls": "int"}  # pixels: nothing to decode when training
     report = convert(
         items(), str(out / "mds"), columns, total=len(train) * captions, progress=progress, source="scikit-learn digits"
     )

@@ -288,14 +288,28 @@ class StreamingLoader:
         self.dataset.load_state_dict(self._streaming_state())
         remaining = (self.samples_per_epoch - self.sample_in_epoch + self.global_batch - 1) // self.global_batch
         batches = iter(self.loader)
-        for _ in range(remaining):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return  # evaluation: this process's share ended
-            self.sample_in_epoch += self.global_batch
-            self._skips.add(batch.skipped)
-            yield batch.images, batch.tokens
+        try:
+            for _ in range(remaining):
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return  # evaluation: this process's share ended
+                self.sample_in_epoch += self.global_batch
+                self._skips.add(batch.skipped)
+                yield batch.images, batch.tokens
+        finally:
+            self._stop_threads()
+
+    def _stop_threads(self) -> None:
+        """Stop streaming's download and ready threads in this process (``workers: 0``), and wait for them.
+
+        Streaming stops them when its sample generator runs out or the next epoch begins; an epoch left early
+        (this loop stops after its batches; a step that raises) would leave them running, downloading ahead,
+        until then. With workers they run in the worker processes, which stop or persist with the loader.
+        """
+        iterator = getattr(self.dataset, "_iterator", None)  # streaming's, for the epoch being read here
+        if iterator is not None:
+            iterator.exit()
 
     @property
     def skipped(self) -> int:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -321,6 +322,24 @@ def test_a_copied_shard_is_prepared_once_per_process(tmp_path, monkeypatch):
     assert all(states.count("LOCAL") <= 1 for states in calls.values()), calls
 
 
+def test_an_epoch_left_early_stops_streamings_threads(tmp_path, monkeypatch):
+    """Without workers, streaming's download and ready threads run in the training process; leaving an epoch
+    (after one batch here) stops them instead of letting them download the rest of the epoch in the background."""
+    from streaming.base.dataset import _IterState
+
+    calls = count_prepare_calls(monkeypatch)
+    remote = str(write_mds(tmp_path / "mds", 64))
+    data = loader(remote, 8, local=str(tmp_path / "copy"), predownload=64, shuffle=False)
+    for _ in data:
+        break
+    assert data.dataset._iterator._state == _IterState.EXITED  # the threads have returned
+    prepared = sum(len(states) for states in calls.values())
+    time.sleep(0.3)
+    assert sum(len(states) for states in calls.values()) == prepared  # and nothing is fetched after
+    data.set_epoch(1)
+    assert sorted(sum((sample_ids(tokens) for _, tokens in data), [])) == list(range(64))  # the next epoch is whole
+
+
 def test_with_a_cache_limit_evicted_shards_are_fetched_again(tmp_path, monkeypatch):
     """With ``cache_limit`` streaming evicts shards, so every sample goes through its ``prepare_shard``."""
     calls = count_prepare_calls(monkeypatch)
@@ -471,6 +490,38 @@ def test_convert_imagefolder_with_templates_reads_back_in_cadenza(tmp_path):
     )
     assert sum(len(tokens) for _, tokens in loader(str(out), 4)) == 8
     assert convert_main([*args, "--to", str(tmp_path / "out2"), "--templates", "no placeholder"]) == 1
+
+
+def test_convert_to_pixels_reads_back_the_same_images(tmp_path):
+    """``--image-encoding pil`` stores decoded pixels: plain readers get the images, Cadenza the same tensors as
+    from the original files. A palette image is stored as RGB (the encoding keeps no palette)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    modes = ("RGB", "L", "P", "RGBA")
+    for label, mode in enumerate(modes):
+        (tmp_path / "src" / mode).mkdir(parents=True)
+        Image.fromarray(np.roll(pixels, label, axis=0)).convert(mode).save(tmp_path / "src" / mode / "0.png")
+    args = ["--from", "imagefolder", str(tmp_path / "src"), "--no-progress", "--templates", "a {} image"]
+    assert convert_main([*args, "--to", str(tmp_path / "files")]) == 0
+    assert convert_main([*args, "--to", str(tmp_path / "pixels"), "--image-encoding", "pil"]) == 0
+    for sample in read_plain(tmp_path / "pixels"):
+        mode = sorted(modes)[sample["cls"]]  # class folders in name order
+        original = Image.open(tmp_path / "src" / mode / "0.png")
+        assert sample["jpg"].mode == ("RGB" if mode == "P" else mode)
+        assert np.array_equal(np.asarray(sample["jpg"]), np.asarray(original.convert(sample["jpg"].mode)))
+    captions = {tuple(TOKENIZER([f"a {mode.lower()} image"])[0].tolist()): mode for mode in modes}
+    tensors = []
+    for name in ("files", "pixels"):
+        data = loader(str(tmp_path / name), 4, shuffle=False)
+        tensors.append(
+            {
+                captions[tuple(t.tolist())]: image
+                for images, tokens in data
+                for t, image in zip(tokens, images, strict=True)
+            }
+        )
+    assert tensors[0].keys() == tensors[1].keys() == set(modes)
+    # the same crops of the same pixels (palette images aside: PIL resizes those nearest-neighbor)
+    assert all(torch.equal(tensors[0][mode], tensors[1][mode]) for mode in ("RGB", "L", "RGBA"))
 
 
 def test_a_failed_conversion_leaves_no_index_and_an_empty_source_is_an_error(tmp_path, capsys):
