@@ -40,6 +40,7 @@ from PIL import Image
 
 from cadenza.datasets.samples import SampleError, SkipCounter, Skipped, clean_caption, decode_image
 from cadenza.datasets.storage import s3_client
+from cadenza.datasets.streaming_import import load_streaming
 from cadenza.engine.errors import CadenzaError, DataError
 
 log = logging.getLogger("cadenza")
@@ -188,6 +189,7 @@ def convert(
     source: str = "",
 ) -> Report:
     """Write the usable ``items`` to MDS shards in ``out``; return the counts. ``DataError`` if none is usable."""
+    load_streaming()  # without transformers
     from streaming import MDSWriter
     from tqdm import tqdm
 

@@ -1,7 +1,8 @@
 """The ``StreamingDataset`` behind ``data.*.type: streaming``: image–caption MDS shards → ``Sample``.
 
-Kept apart from ``streaming.py`` because importing ``streaming`` takes seconds (it imports transformers):
-the loader imports this module only when a streaming dataset is built.
+Kept apart from ``streaming.py`` because importing ``streaming`` takes a while (0.3 s here, seconds more with the
+transformers it imports, which ``load_streaming`` avoids): the loader imports this module only when a streaming
+dataset is built.
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ from typing import Any
 
 import torch
 from PIL import Image
-from streaming import StreamingDataset
-from streaming.base.dataset import _ShardState
-from streaming.base.format.mds.reader import MDSReader
 
 from cadenza.datasets.samples import (
     Sample,
@@ -30,7 +28,14 @@ from cadenza.datasets.samples import (
     substitutes,
     transform_sample,
 )
+from cadenza.datasets.streaming_import import load_streaming
 from cadenza.engine.errors import DataError
+
+load_streaming()  # before the first import from it
+
+from streaming import StreamingDataset  # noqa: E402
+from streaming.base.dataset import _ShardState  # noqa: E402
+from streaming.base.format.mds.reader import MDSReader  # noqa: E402
 
 #: MDS encodings of an image column that hold an encoded file (read back as its bytes, decoded here)
 ENCODED_IMAGE = ("jpeg", "png", "bytes")

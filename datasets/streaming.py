@@ -231,18 +231,19 @@ class StreamingLoader:
 
     def _build(self) -> None:
         """A fresh dataset and ``StreamingDataLoader`` (the old ones are released first)."""
-        from streaming import Stream, StreamingDataLoader
-
         from cadenza.datasets.mds import MDSImageCaptions
+        from cadenza.datasets.streaming_import import load_streaming
+
+        streaming = load_streaming()  # without transformers
 
         self._release()
-        streams = [Stream(**source) for source in self.sources]
+        streams = [streaming.Stream(**source) for source in self.sources]
         self.dataset = MDSImageCaptions(
             streams=streams, num_canonical_nodes=self.num_canonical_nodes, shuffle_seed=self.shuffle_seed,
             **self._dataset_args,
         )  # fmt: skip
         context = self.context
-        self.loader = StreamingDataLoader(
+        self.loader = streaming.StreamingDataLoader(
             self.dataset,
             batch_size=self.batch_size,
             num_workers=context.workers,

@@ -436,6 +436,46 @@ def test_jpeg_bytes_and_pil_columns_read_the_same(tmp_path):
         assert all(torch.equal(other[i], by_id[0][i]) for i in other)
 
 
+STREAMING_WITHOUT_TRANSFORMERS = """
+import sys
+from cadenza.datasets.mds import MDSImageCaptions
+from cadenza.datasets.streaming_import import _Deferred
+from streaming.base import dataloader
+from streaming.text import c4
+assert "transformers" not in sys.modules, "streaming imported transformers"
+assert dataloader.StreamingDataLoader._get_batch_size(None, ([1, 2, 3], [4, 5, 6])) == 3
+assert dataloader.StreamingDataLoader._get_batch_size(None, {"a": [1, 2]}) == 2
+# transformers, imported afterwards, is the real one, and streaming's names resolve to it
+import transformers.tokenization_utils_base as real
+from transformers.models.auto.tokenization_auto import AutoTokenizer
+assert not isinstance(real.BatchEncoding, _Deferred) and not isinstance(AutoTokenizer, _Deferred)
+assert isinstance(real.BatchEncoding({"a": [1]}), dataloader.BatchEncoding)
+assert not isinstance({"a": [1]}, dataloader.BatchEncoding)
+assert dataloader.StreamingDataLoader._get_batch_size(None, real.BatchEncoding({"a": [1, 2, 3, 4]})) == 4
+assert c4.AutoTokenizer.from_pretrained == AutoTokenizer.from_pretrained
+print("checked")
+"""
+
+TRANSFORMERS_FIRST = """
+import transformers.tokenization_utils_base as real
+from cadenza.datasets.mds import MDSImageCaptions
+from streaming.base import dataloader
+assert dataloader.BatchEncoding is real.BatchEncoding  # already imported: streaming gets the real names
+print("checked")
+"""
+
+
+@pytest.mark.parametrize("code", [STREAMING_WITHOUT_TRANSFORMERS, TRANSFORMERS_FIRST], ids=["alone", "after"])
+def test_streaming_is_imported_without_transformers(code):
+    """streaming imports transformers (2.5-3 s here) for names Cadenza never uses; Cadenza imports it without,
+    and the names still work once transformers is imported."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "checked", done.stderr[-3000:]
+
+
 # -- composer convert -------------------------------------------------------------------------------------------
 def read_plain(folder: Path) -> list[dict]:
     from streaming import StreamingDataset
