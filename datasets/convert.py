@@ -7,8 +7,8 @@
 Each sample is written as its original encoded image bytes (no re-encoding) and its caption, in the
 columns ``jpg`` (MDS encoding ``jpeg``: plain ``streaming.StreamingDataset`` readers get a PIL image)
 and ``txt`` (``str``), with xxh64 hashes of every shard. ``--image-encoding pil`` stores decoded pixels
-instead, which are read without decoding: for small images (the quickstart's 32 px digits), whose PNG
-decode costs more per sample than the rest of loading. An image folder also gets ``cls`` (the class
+instead, which are read without decoding: for small images, whose decode is a large part of loading them
+(a sixth of the quickstart loader's time for its 32 px PNG digits). An image folder also gets ``cls`` (the class
 index). Every image is decoded once to check it; a sample whose image is missing or corrupt, or whose
 caption is empty, is skipped and counted. When the conversion completes, ``index.json`` holds exactly
 the samples written and ``cadenza-convert.json`` records the counts; a conversion that fails removes
@@ -155,13 +155,11 @@ def check(item: Item, pixels: bool = False) -> tuple[bytes | Image.Image, str, i
 
 
 def stored_pixels(image: Image.Image) -> Image.Image:
-    """What an MDS ``pil`` column stores of a decoded image: the image, except that a palette image becomes RGB
-    (RGBA if it has alpha), as that encoding keeps the mode, size and raw bytes but no palette. Training sees
-    the same pixels for every other mode. A palette image is then resized bicubic, where PIL resizes palette
-    images nearest-neighbor (OpenCLIP converts to RGB after the crop)."""
-    if image.mode in ("P", "PA"):
-        return image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
-    return image
+    """What an MDS ``pil`` column stores of a decoded image: the image, except that a palette image becomes RGB,
+    as that encoding keeps the mode, size and raw bytes but no palette. Training sees the same pixels for every
+    other mode. A palette image is then resized bicubic, where PIL resizes palette images nearest-neighbor
+    (OpenCLIP converts to RGB after the crop); its transparency was dropped in training either way."""
+    return image.convert("RGB") if image.mode in ("P", "PA") else image
 
 
 def read_file(path: str) -> bytes:

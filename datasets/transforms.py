@@ -69,7 +69,7 @@ class RandomResizedCrop(T.RandomResizedCrop):
 
     The draw is torchvision's ``get_params`` (10 tries of an area uniform in ``scale`` and a log-uniform
     aspect ``ratio``, a uniform position; the central crop when none fits), the same distribution, with
-    ``random.random`` in place of four torch calls a try: a crop costs about 2 instead of 25 µs, and on 32 px
+    ``random.random`` in place of four torch calls a try: a crop costs about 6 instead of 25 µs, and on 32 px
     images scale 0.9-1 rejects about 2 of 3 tries (the crop draw was a sixth of the quickstart loader's
     worker). Cadenza seeds ``random`` per sample, as it seeds torch's generator (``samples.seeded_rng``),
     so crops are reproducible as before; torch's generator is left untouched. Tensors go to torchvision.
