@@ -121,22 +121,33 @@ def matmul_dtype(precision: str) -> torch.dtype:
 
 @functools.cache
 def measured_peak_flops(device_type: str, device_index: int | None, dtype: torch.dtype) -> float:
-    """FLOP/s of a large square matmul on this device and dtype (the best of a few runs)."""
+    """FLOP/s of a large square matmul on this device and dtype (the best of a few runs).
+
+    8192² on a GPU. On a CPU 2048², or the largest power of two from 256 whose matmul takes under 50 ms: a dtype
+    the CPU has no instructions for is emulated at a few hundred MFLOP/s (bf16 and fp16 on AVX2: 0.3 GFLOP/s),
+    where 2048² took 4 minutes to measure; such a slow path is at its peak long before 2048.
+    """
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
-    size = 8192 if device_type == "cuda" else 2048
     generator = torch.Generator(device).manual_seed(0)  # its own stream: the run's RNG does not move
-    a = torch.randn(size, size, device=device, generator=generator).to(dtype)
-    b = torch.randn(size, size, device=device, generator=generator).to(dtype)
-    best = float("inf")
-    for _ in range(4):
-        if device_type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        if device_type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+
+    def seconds(size: int, runs: int) -> float:
+        a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+        b = torch.randn(size, size, device=device, generator=generator).to(dtype)
+        best = float("inf")
+        for _ in range(runs):
+            if device_type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            a @ b
+            if device_type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    size = 8192 if device_type == "cuda" else 256
+    while device_type != "cuda" and size < 2048 and seconds(size, 2) < 0.05:
+        size *= 2
+    return 2 * size**3 / seconds(size, 4)
 
 
 def peak_flops(device: torch.device, precision: str, peak_tflops: float | None = None) -> float:

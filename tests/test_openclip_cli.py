@@ -437,8 +437,8 @@ TINY = {
     "coca_ViT-B-32": "tiny-coca",
 }
 FAST = {"--epochs": "1", "--batch-size": "4", "--workers": "0"}
-#: a Cadenza override for every run: the MFU peak is measured with a 2048² matmul in the run's precision, which in
-#: fp16 (OpenCLIP's default amp) takes minutes on a CPU
+#: a Cadenza override for every run: the MFU peak is otherwise measured with matmuls in the run's precision, about a
+#: second per process on a CPU (fp16, OpenCLIP's default amp, is emulated and slow there)
 NO_PEAK = ("--", "run.peak_tflops=1.0")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for subprocesses (see the one_thread fixture)
 

@@ -126,6 +126,36 @@ def test_mfu_is_counted_flops_times_throughput_over_the_peak(tiny):
         assert row["train/mfu"] == pytest.approx(per_sample * row["train/samples_per_second"] / 0.5e12, rel=1e-6)
 
 
+@pytest.mark.parametrize("flops_per_second, size", [(150e9, 2048), (8e9, 1024), (0.3e9, 256)])
+def test_the_cpu_peak_is_measured_on_a_smaller_matmul_where_matmuls_are_slow(monkeypatch, flops_per_second, size):
+    """2048² on a CPU, or the largest power of two from 256 whose matmul takes under 50 ms: bf16 emulated on AVX2
+    (0.3 GFLOP/s) took 4 minutes at 2048². A fake clock makes each matmul take 2 n³ / flops_per_second."""
+    import torch
+
+    from cadenza.engine import mfu
+
+    sizes, real_randn = [], torch.randn
+
+    def randn(*shape, **kwargs):
+        sizes.append(shape[0])
+        return real_randn(4, 4)  # the matmul itself is not what is measured here
+
+    class Clock:
+        now, calls = 0.0, 0
+
+        def perf_counter(self) -> float:  # called before and after each matmul
+            self.calls += 1
+            if self.calls % 2 == 0:
+                self.now += 2 * sizes[-1] ** 3 / flops_per_second
+            return self.now
+
+    monkeypatch.setattr(torch, "randn", randn)
+    monkeypatch.setattr(mfu, "time", Clock())
+    peak = mfu.measured_peak_flops.__wrapped__("cpu", None, torch.bfloat16)
+    assert max(sizes) == sizes[-1] == size and sorted(set(sizes)) == [256 << i for i in range(len(set(sizes)))]
+    assert peak == pytest.approx(flops_per_second)
+
+
 def test_an_mfu_above_one_remeasures_a_disturbed_peak(tiny, monkeypatch):
     from cadenza.engine import callbacks
     from cadenza.engine.trainer import Trainer

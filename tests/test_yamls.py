@@ -5,7 +5,7 @@ What is changed for the run, and only that:
 - ``data.train`` becomes ``{type: synthetic, num_samples: 4}`` with ``data.batch_size: 2`` and no worker processes;
   ``data.val`` and ``eval.zero_shot`` are switched off (the files name real datasets);
 - the run is 2 steps (``run.duration: 2ba``), on CPU, in a temporary folder, with ``run.peak_tflops`` set (the MFU
-  peak is otherwise measured with a large matmul in the run's precision: minutes in fp16 on a CPU);
+  peak is otherwise measured with matmuls in the run's precision: about a second per run on a CPU);
 - models too big for a CPU test become the tiny model of the same family (``MODELS``): ViTs → ``tiny-vit``,
   ResNets → ``tiny-rn``, ConvNeXt → ``tiny-convnext``, CoCa → ``tiny-coca``; ``tiny.yaml`` and ``quickstart.yaml``
   keep theirs;
