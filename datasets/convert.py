@@ -200,9 +200,9 @@ def convert(
             ThreadPoolExecutor(max(threads, 1)) as pool,
             MDSWriter(out=out, columns=columns, hashes=["xxh64"], size_limit=size_limit, exist_ok=overwrite) as writer,
         ):
+            checked = partial(check, pixels=columns[image_key] == "pil")
             for chunk in _chunks(items, 256):
-                # reading and decoding run in threads; the order is kept
-                for result in pool.map(partial(check, pixels=columns[image_key] == "pil"), chunk):
+                for result in pool.map(checked, chunk):  # reading and decoding run in threads; the order is kept
                     bar.update(1)
                     if isinstance(result, str):
                         report.skipped += 1

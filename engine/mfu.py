@@ -144,9 +144,11 @@ def measured_peak_flops(device_type: str, device_index: int | None, dtype: torch
             best = min(best, time.perf_counter() - start)
         return best
 
-    size = 8192 if device_type == "cuda" else 256
-    while device_type != "cuda" and size < 2048 and seconds(size, 2) < 0.05:
-        size *= 2
+    size = 8192
+    if device_type != "cuda":
+        size = 256
+        while size < 2048 and seconds(size, 2) < 0.05:
+            size *= 2
     return 2 * size**3 / seconds(size, 4)
 
 
