@@ -20,13 +20,13 @@ from cadenza.engine.logger import Logger
 from cadenza.engine.precision import autocast_context, weights_dtype
 from cadenza.engine.registry import ALGORITHMS
 from cadenza.engine.state import State
+from cadenza.models.factory import create_model
 from cadenza.models.losses import ClipLoss, DistillClipLoss
+from cadenza.models.pretrained import load_pretrained
 
 
 def build_teacher(name: str, pretrained: str | None, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A frozen teacher in eval mode. Problems with its weights name the algorithm's keys, not ``model.*``."""
-    from cadenza.models import create_model, load_pretrained
-
     try:
         teacher = create_model(name)
     except ConfigError as error:
@@ -79,6 +79,11 @@ class Distillation(Algorithm):
                 "algorithms.distillation",
                 "cannot run with optim.accum_freq > 1 (the teacher's features are not cached); set optim.accum_freq=1.",
             )
+        if type(state.loss_fn) is not ClipLoss:  # the loss is built before the algorithms are checked
+            raise ConfigError(
+                "algorithms.distillation",
+                f"distils the CLIP loss; loss.name={state.loss_fn.name} cannot be combined with it.",
+            )
 
     def match(self, event: Event, state: State) -> bool:
         if event == Event.INIT:
@@ -87,11 +92,6 @@ class Distillation(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
-            if type(state.loss_fn) is not ClipLoss:
-                raise ConfigError(
-                    "algorithms.distillation",
-                    f"distils the CLIP loss; loss.name={type(state.loss_fn).__name__} cannot be combined with it.",
-                )
             self._teacher = build_teacher(self.teacher, self.pretrained, state.device, weights_dtype(state.precision))
             state.loss_fn = DistillClipLoss(state.loss_fn.local_loss, state.loss_fn.gather_with_grad)
         elif event == Event.AFTER_FORWARD:

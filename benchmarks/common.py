@@ -93,7 +93,7 @@ def run_openclip(
 def run_cadenza(model: str, batch: int, precision: str, steps: int, workers: int, extra: list[str] = ()) -> list[float]:
     """Per-step samples/s of ``composer`` on synthetic data (metrics every step, device synchronized)."""
     with tempfile.TemporaryDirectory() as logs:
-        command = [sys.executable, "-m", "cadenza.engine.cli", str(ROOT / "yamls" / "tiny.yaml")]
+        command = [sys.executable, "-m", "cadenza.train.cli", str(ROOT / "yamls" / "tiny.yaml")]
         command += [*speed_run_overrides(model, batch, precision, steps, workers, logs), *extra]
         result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
         if result.returncode != 0:

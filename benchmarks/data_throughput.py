@@ -193,10 +193,10 @@ def format_rows(count: int, workers: list[int], batch_size: int) -> list[dict]:
 # -- 3. the quickstart --------------------------------------------------------------------------------------------
 def quickstart_rows(steps: int, rounds: int) -> list[dict]:
     from cadenza.datasets.digits import build
-    from cadenza.engine.config import load_config
     from cadenza.engine.optim import build_optimizer
     from cadenza.models import create_model
     from cadenza.models.losses import ClipLoss
+    from cadenza.train.config import load_config
 
     cfg = load_config(ROOT / "yamls" / "quickstart.yaml")
     batch_size, workers = cfg.data.batch_size, cfg.data.workers
@@ -262,8 +262,8 @@ def data_wait_in_training(data: str, steps: int) -> tuple[float, float]:
     """Mean ``train/data_time`` and ``train/batch_time`` of the quickstart config training on ``data``."""
     import json
 
-    from cadenza.engine.config import load_config
-    from cadenza.engine.trainer import Trainer
+    from cadenza.train.config import load_config
+    from cadenza.train.trainer import Trainer
 
     window = max(steps // 4, 1)
     overrides = [

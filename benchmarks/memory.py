@@ -40,8 +40,8 @@ def worker(overrides: list[str]) -> None:
     """Train with ``overrides``; print one JSON line with peak memory and median samples/s."""
     import torch
 
-    from cadenza.engine.config import load_config
-    from cadenza.engine.trainer import Trainer
+    from cadenza.train.config import load_config
+    from cadenza.train.trainer import Trainer
 
     cfg = load_config(ROOT / "yamls" / "tiny.yaml", overrides)
     trainer = Trainer(cfg)

@@ -85,7 +85,7 @@ def cadenza_command(train: str, logs: Path, name: str, batch: int, workers: int,
     return [
         sys.executable,
         "-m",
-        "cadenza.engine.cli",
+        "cadenza.train.cli",
         str(ROOT / "yamls" / "tiny.yaml"),
         f"run.name={name}",
         f"run.logs={logs}",
@@ -162,7 +162,7 @@ def openclip_epoch(data: Path, model: Path, logs: Path, batch: int, workers: int
 
 def export_model(checkpoint: Path, out: Path) -> None:
     """``tiny-vit`` as an OpenCLIP ``local-dir:`` model (config + weights)."""
-    command = [sys.executable, "-m", "cadenza.engine.cli", "export", str(checkpoint), "--format", "openclip", str(out)]
+    command = [sys.executable, "-m", "cadenza.train.cli", "export", str(checkpoint), "--format", "openclip", str(out)]
     subprocess.run(command, check=True, capture_output=True, env=ENV, timeout=300)
 
 

@@ -41,6 +41,8 @@ from PIL import Image
 from cadenza.datasets.samples import SampleError, SkipCounter, Skipped, clean_caption, decode_image
 from cadenza.datasets.storage import s3_client
 from cadenza.datasets.streaming_import import load_streaming
+from cadenza.datasets.webdataset import CAPTION_EXTENSION, expand_sources, iter_tar
+from cadenza.datasets.webdataset import IMAGE_EXTENSIONS as TAR_IMAGE_EXTENSIONS
 from cadenza.engine.errors import CadenzaError, DataError
 
 log = logging.getLogger("cadenza")
@@ -112,9 +114,6 @@ def imagefolder_items(root: str, templates: list[str], classnames: list[str] | N
 def webdataset_items(path: str) -> Iterator[Item]:
     """Samples of WebDataset tar shards, read as the ``webdataset`` loader reads them (``iter_tar``): members
     grouped by key; a missing shard, a truncated tar or a sample without image or caption is an error item."""
-    from cadenza.datasets.webdataset import CAPTION_EXTENSION, expand_sources, iter_tar
-    from cadenza.datasets.webdataset import IMAGE_EXTENSIONS as TAR_IMAGE_EXTENSIONS
-
     urls, _ = expand_sources(path)
     for url in urls:
         for sample, _ in iter_tar(url):

@@ -231,6 +231,7 @@ class StreamingLoader:
 
     def _build(self) -> None:
         """A fresh dataset and ``StreamingDataLoader`` (the old ones are released first)."""
+        # imported here, not at the top: mds imports streaming (0.3 s), which a run on other data never needs
         from cadenza.datasets.mds import MDSImageCaptions
         from cadenza.datasets.streaming_import import load_streaming
 

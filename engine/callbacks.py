@@ -231,7 +231,3 @@ def contrastive_loss(images: torch.Tensor, texts: torch.Tensor, scale: float, ch
             labels = torch.arange(start, start + len(logits))
             total += F.cross_entropy(logits, labels, reduction="sum").item()
     return total / (2 * len(images))
-
-
-# User-selectable callbacks register themselves on import.
-from cadenza.engine import remote_sync as _remote_sync  # noqa: E402, F401

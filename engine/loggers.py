@@ -97,7 +97,7 @@ class JsonlLogger(LoggerDestination):
         if self._handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._handle = self.path.open("a", buffering=1)
-        self._handle.write(json.dumps({"step": step, **{k: _plain(v) for k, v in metrics.items()}}) + "\n")
+        self._handle.write(json.dumps({"step": step, **{k: _as_number(v) for k, v in metrics.items()}}) + "\n")
 
     def close(self, state: State, logger: Logger) -> None:
         if self._handle is not None:
@@ -105,7 +105,8 @@ class JsonlLogger(LoggerDestination):
             self._handle = None
 
 
-def _plain(value: Any) -> Any:
+def _as_number(value: Any) -> Any:
+    """A tensor or NumPy scalar as a Python number (JSON, TensorBoard and W&B take those)."""
     return value.item() if hasattr(value, "item") else value
 
 
@@ -139,7 +140,7 @@ class TensorBoardLogger(LoggerDestination):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         writer = self._open()
         for name, value in metrics.items():
-            writer.add_scalar(name, _plain(value), step)
+            writer.add_scalar(name, _as_number(value), step)
 
     def close(self, state: State, logger: Logger) -> None:
         if self._writer is not None:
@@ -209,7 +210,7 @@ class WandBLogger(LoggerDestination):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._start()
-        self._run.log({k: _plain(v) for k, v in metrics.items()}, step=step)
+        self._run.log({k: _as_number(v) for k, v in metrics.items()}, step=step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id}

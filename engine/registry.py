@@ -1,4 +1,9 @@
-"""Name → class registries for everything a YAML file can name."""
+"""Name → builder tables for everything a YAML file can name.
+
+The tables are filled by the modules that define what they hold (``@ALGORITHMS.register("ema")`` in
+``algorithms/ema.py``); whoever looks a name up imports those modules first (``train/config.py`` does, in its
+imports). The kernel imports none of them.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +21,10 @@ class Registry(Generic[T]):
 
     Args:
         kind: what the registry holds, used in messages ("algorithm").
-        entry_module: module imported on first lookup so that its ``register`` decorators have run.
     """
 
-    def __init__(self, kind: str, entry_module: str | None = None) -> None:
+    def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._entry_module = entry_module
         self._items: dict[str, Callable[..., T]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -35,23 +38,16 @@ class Registry(Generic[T]):
 
         return decorator
 
-    def _load(self) -> None:
-        if self._entry_module is not None:
-            import importlib
-
-            importlib.import_module(self._entry_module)
-            self._entry_module = None
-
     def names(self) -> list[str]:
-        self._load()
         return sorted(self._items)
 
+    def __iter__(self):
+        return iter(self.names())
+
     def __contains__(self, name: str) -> bool:
-        self._load()
         return name in self._items
 
     def get(self, name: str, key: str) -> Callable[..., T]:
-        self._load()
         if name not in self._items:
             raise ConfigError(key, f"unknown {self.kind} '{name}'.{suggest(name, self._items)}")
         return self._items[name]
@@ -85,8 +81,9 @@ class Registry(Generic[T]):
             raise ConfigError(key, f"{self.kind} '{name}': {error}") from error
 
 
-ALGORITHMS: Registry = Registry("algorithm", "cadenza.algorithms")
-CALLBACKS: Registry = Registry("callback", "cadenza.engine.callbacks")
-LOGGERS: Registry = Registry("logger", "cadenza.engine.loggers")
-DATASETS: Registry = Registry("dataset", "cadenza.datasets")
-MODELS: Registry = Registry("model", "cadenza.models")
+ALGORITHMS: Registry = Registry("algorithm")  # algorithms/
+CALLBACKS: Registry = Registry("callback")  # engine/callbacks.py, engine/remote_sync.py
+LOGGERS: Registry = Registry("logger")  # engine/loggers.py
+DATASETS: Registry = Registry("dataset")  # datasets/
+MODELS: Registry = Registry("model")  # models/factory.py
+LOSSES: Registry = Registry("loss")  # models/losses.py

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from cadenza.engine.checkpoint import load_checkpoint
 from cadenza.engine.errors import CadenzaError, ConfigError
 from cadenza.models.convert import (
     OPENCLIP_NAMES,
@@ -85,8 +86,6 @@ def export_openclip(checkpoint: str | Path, out: str | Path) -> Path:
 
 def read_checkpoint(path: str | Path) -> tuple[str, dict[str, Any], str | None, StateDict]:
     """A Cadenza checkpoint's architecture name, ``model.overrides``, ``model.pretrained`` and model weights."""
-    from cadenza.engine.checkpoint import load_checkpoint
-
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "config" not in checkpoint:
         raise CadenzaError(

@@ -25,6 +25,8 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cadenza.engine.registry import LOSSES
+
 __all__ = [
     "CLIP_LOGIT_SCALE_INIT",
     "SIGLIP_LOGIT_BIAS_INIT",
@@ -103,6 +105,7 @@ def gather_features(
     return torch.cat(gathered_image, dim=0), torch.cat(gathered_text, dim=0)  # (W*B, D) each
 
 
+@LOSSES.register("clip")
 class ClipLoss(nn.Module):
     """The symmetric InfoNCE loss of CLIP, over the global batch when running distributed.
 
@@ -214,6 +217,7 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": loss}
 
 
+@LOSSES.register("coca")
 class CoCaLoss(ClipLoss):
     """CoCa's loss: a weighted CLIP loss plus a weighted captioning cross-entropy that skips padding.
 
@@ -275,6 +279,7 @@ class CoCaLoss(ClipLoss):
         return {"contrastive_loss": clip_loss, "caption_loss": caption_loss}
 
 
+@LOSSES.register("distill")
 class DistillClipLoss(ClipLoss):
     """CLIP loss plus a distillation term: cross-entropy between the teacher's and the student's softmaxed logits.
 
@@ -331,6 +336,7 @@ class DistillClipLoss(ClipLoss):
         return {"contrastive_loss": contrastive_loss, "distill_loss": distill_loss}
 
 
+@LOSSES.register("siglip")
 class SigLipLoss(nn.Module):
     """The pairwise sigmoid loss of SigLIP, over the global batch when running distributed.
 
@@ -475,14 +481,6 @@ class SigLipLoss(nn.Module):
         return blocks
 
 
-LOSSES: dict[str, type[nn.Module]] = {
-    "clip": ClipLoss,
-    "siglip": SigLipLoss,
-    "coca": CoCaLoss,
-    "distill": DistillClipLoss,
-}
-"""Registry of losses by config name."""
-
 #: the ``model_type`` (of an architecture file) each loss trains: CoCa's loss needs the decoder's logits
 LOSS_MODEL_TYPES: dict[str, str] = {"clip": "clip", "siglip": "clip", "coca": "coca", "distill": "clip"}
 
@@ -493,21 +491,12 @@ LOSS_MODEL_INIT: dict[str, dict[str, float]] = {
 
 
 def build_loss(name: str, **kwargs: Any) -> nn.Module:
-    """Builds a loss by its registry name.
-
-    Args:
-        name: A key of :data:`LOSSES`.
-        **kwargs: Constructor arguments of that loss.
-
-    Returns:
-        The loss module.
+    """Builds a loss by its registry name (``loss.name``) from its constructor arguments.
 
     Raises:
-        ValueError: If ``name`` is not registered.
+        ConfigError: ``name`` is not registered (a ``ValueError``).
     """
-    if name not in LOSSES:
-        raise ValueError(f"Unknown loss {name!r}; valid loss names are: {', '.join(sorted(LOSSES))}.")
-    return LOSSES[name](**kwargs)
+    return LOSSES.get(name, "loss.name")(**kwargs)
 
 
 def _rank_and_world_size() -> tuple[int, int]:

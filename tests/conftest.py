@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cadenza.engine.config import load_config
+from cadenza.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "yamls" / "tiny.yaml"

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from cadenza.engine import Callback
-from cadenza.engine.trainer import Trainer
 from cadenza.models.tokenizer import get_tokenizer
+from cadenza.train.trainer import Trainer
 
 
 def caption_of(index: int) -> str:

@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cadenza.engine import Callback  # noqa: E402
-from cadenza.engine.config import load_config  # noqa: E402
 from cadenza.engine.dist import all_reduce_mean  # noqa: E402
 from cadenza.engine.fsdp import full_tensor, full_tensors, model_state_dict, optimizer_state_dict  # noqa: E402
-from cadenza.engine.trainer import Trainer  # noqa: E402
+from cadenza.train.config import load_config  # noqa: E402
+from cadenza.train.trainer import Trainer  # noqa: E402
 
 
 class FirstStepGradients(Callback):

@@ -8,11 +8,11 @@ from omegaconf import OmegaConf
 
 from cadenza.algorithms.gradient_clipping import GradientClipping, clip_gradients
 from cadenza.engine import Event
-from cadenza.engine.config import load_config
 from cadenza.engine.logger import Logger
 from cadenza.engine.registry import ALGORITHMS
 from cadenza.engine.state import State
-from cadenza.engine.trainer import Trainer
+from cadenza.train.config import load_config
+from cadenza.train.trainer import Trainer
 
 from .algorithm_settings import ALGORITHM_SETTINGS
 from .conftest import TINY

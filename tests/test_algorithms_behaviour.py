@@ -16,9 +16,9 @@ from cadenza.algorithms.torch_compile import TorchCompile
 from cadenza.engine import Callback, ConfigError, Event
 from cadenza.engine.logger import Logger
 from cadenza.engine.state import State
-from cadenza.engine.trainer import Trainer
 from cadenza.models import create_model
 from cadenza.models.losses import ClipLoss
+from cadenza.train.trainer import Trainer
 
 NO_EVAL = ("data.val=null", "optim.grad_clip_norm=null", "run.duration=3ba", "optim.warmup=0ba")
 

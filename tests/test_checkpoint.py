@@ -7,7 +7,7 @@ import torch
 
 from cadenza.engine import checkpoint as ckpt
 from cadenza.engine.errors import CheckpointError
-from cadenza.engine.trainer import Trainer
+from cadenza.train.trainer import Trainer
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from cadenza.engine import Callback
 from cadenza.engine.checkpoint import load_checkpoint
 from cadenza.engine.errors import CheckpointError
 from cadenza.engine.object_store import LocalStore, ObjectStoreError, S3Store
-from cadenza.engine.trainer import Trainer
+from cadenza.train.trainer import Trainer
 
 from .conftest import ROOT, TINY
 from .data_helpers import write_csv
@@ -66,7 +66,7 @@ def test_unreachable_store_retries_then_fails(monkeypatch, tmp_path):
 
 def _run(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "cadenza.engine.cli", str(TINY), *args],
+        [sys.executable, "-m", "cadenza.train.cli", str(TINY), *args],
         cwd=ROOT,
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
@@ -139,7 +139,7 @@ def test_sigkill_then_resume_on_an_empty_disk_is_bit_identical(s3_bucket, moto_s
 
 
 def tiny_cfg(logs: Path, *overrides: str):
-    from cadenza.engine.config import load_config
+    from cadenza.train.config import load_config
 
     return load_config(TINY, [f"run.logs={logs}", *overrides])
 
@@ -157,7 +157,7 @@ def slow_save(obj, f, *args, **kwargs):
         time.sleep(600)
     return original(obj, f, *args, **kwargs)
 torch.save = slow_save
-from cadenza.engine.cli import main
+from cadenza.train.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

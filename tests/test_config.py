@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cadenza.engine.config import build_config, load_config
 from cadenza.engine.errors import ConfigError
-from cadenza.engine.trainer import Trainer
+from cadenza.train.config import build_config, load_config
+from cadenza.train.trainer import Trainer
 
 from .conftest import ROOT, TINY
 

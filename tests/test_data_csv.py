@@ -14,8 +14,8 @@ from cadenza.datasets.csv import CsvDataset
 from cadenza.datasets.samples import SampleError, read_image_file, substitutes
 from cadenza.datasets.transforms import image_transform
 from cadenza.engine import ConfigError, DataError
-from cadenza.engine.trainer import Trainer
 from cadenza.models.tokenizer import get_tokenizer
+from cadenza.train.trainer import Trainer
 
 from .data_helpers import RecordIds, check_exact_resume, image_bytes, metric_rows, write_csv
 

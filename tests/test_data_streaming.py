@@ -27,8 +27,8 @@ from cadenza.datasets.streaming import StreamingLoader
 from cadenza.datasets.transforms import image_transform
 from cadenza.engine.dist import DistInfo
 from cadenza.engine.errors import DataError
-from cadenza.engine.trainer import Trainer
 from cadenza.models.tokenizer import get_tokenizer
+from cadenza.train.trainer import Trainer
 
 from .test_trainer import RecordBatches, assert_bit_identical, weights
 

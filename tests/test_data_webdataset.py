@@ -11,7 +11,7 @@ import pytest
 from cadenza.datasets.webdataset import SHARD_DONE, ShardPlan, dataset_size, expand_sources, iter_tar
 from cadenza.engine import ConfigError, DataError
 from cadenza.engine.dist import DistInfo
-from cadenza.engine.trainer import Trainer
+from cadenza.train.trainer import Trainer
 
 from .data_helpers import (
     RecordIds,

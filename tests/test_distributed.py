@@ -57,7 +57,7 @@ def test_composer_n_2_trains_the_tiny_config(tmp_path):
         [
             sys.executable,
             "-m",
-            "cadenza.engine.cli",
+            "cadenza.train.cli",
             "-n",
             "2",
             str(TINY),
@@ -84,7 +84,7 @@ def test_killing_one_rank_ends_the_job(tmp_path):
         [
             sys.executable,
             "-m",
-            "cadenza.engine.cli",
+            "cadenza.train.cli",
             "-n",
             "2",
             str(TINY),
@@ -104,7 +104,7 @@ def test_killing_one_rank_ends_the_job(tmp_path):
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert time.monotonic() < deadline and process.poll() is None, "training did not start"
         time.sleep(0.2)
-    workers = subprocess.run(["pgrep", "-f", "cadenza.engine.cli " + str(TINY)], capture_output=True, text=True)
+    workers = subprocess.run(["pgrep", "-f", "cadenza.train.cli " + str(TINY)], capture_output=True, text=True)
     pids = [int(p) for p in workers.stdout.split() if int(p) != process.pid]
     assert len(pids) >= 2, workers.stdout
     os.kill(max(pids), signal.SIGKILL)  # one worker dies

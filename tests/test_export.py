@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from cadenza.engine.cli import main as composer
-from cadenza.engine.config import load_config, to_yaml
-from cadenza.engine.trainer import Trainer
 from cadenza.models import create_model, get_tokenizer
+from cadenza.train.cli import main as composer
+from cadenza.train.config import load_config, to_yaml
+from cadenza.train.trainer import Trainer
 
 from .conftest import TINY
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cadenza.engine.config import load_config
 from cadenza.engine.errors import CadenzaError, ConfigError
 from cadenza.engine.fsdp import fsdp_blocks, mixed_precision_policy
 from cadenza.models import create_model
 from cadenza.models.export import export_openclip
+from cadenza.train.config import load_config
 
 from .algorithm_settings import ALGORITHM_SETTINGS
 from .conftest import ROOT, TINY
@@ -134,7 +134,7 @@ def test_composer_n_2_fsdp_trains_with_every_algorithm(tmp_path):
     algorithms = []
     for name, args in ALGORITHM_SETTINGS.items():
         algorithms += [f"algorithms.{name}.{k}={v}" for k, v in args.items()] or [f"algorithms.{name}={{}}"]
-    command = [sys.executable, "-m", "cadenza.engine.cli", "-n", "2", str(TINY), f"run.logs={tmp_path}", FSDP]
+    command = [sys.executable, "-m", "cadenza.train.cli", "-n", "2", str(TINY), f"run.logs={tmp_path}", FSDP]
     command += ["run.duration=4ba", "run.log_interval=2ba", "eval.interval=4ba", "optim.grad_clip_norm=null"]
     command += ["run.precision=amp_bf16"]
     result = subprocess.run(command + algorithms, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -8,7 +8,7 @@ import struct
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cadenza.engine.trainer import Trainer
+from cadenza.train.trainer import Trainer
 
 
 def test_tensorboard_event_files_hold_the_metrics(tiny):

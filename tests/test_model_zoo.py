@@ -14,10 +14,10 @@ import torch
 
 from cadenza.engine.errors import ConfigError
 from cadenza.engine.registry import DATASETS, MODELS
-from cadenza.engine.trainer import Trainer
 from cadenza.models import create_model, get_model_config, list_models
 from cadenza.models.convert import OPENCLIP_NAMES, image_tower_kind
 from cadenza.models.losses import build_loss
+from cadenza.train.trainer import Trainer
 
 TINY = {"tiny-vit": "vit", "tiny-rn": "resnet", "tiny-convnext": "timm", "tiny-coca": "vit_attn_pool"}
 #: the loss each model type trains with here

@@ -10,12 +10,12 @@ generated data (CSV and WebDataset shards of PIL images, a 3-class ImageFolder f
 ``s3://my-bucket``), its models by tiny ones of the same family (ViT → ``tiny-vit``, RN → ``tiny-rn``, CoCa →
 ``tiny-coca``) and its
 pretrained tags by OpenCLIP checkpoint files written by ``open_clip`` itself: 4.0 (minimal), 9.0 (single node,
-``composer -n 2 openclip``, 2 gloo processes), 11.0 (SLURM: two ``python -u -m cadenza.engine.openclip`` tasks with
+``composer -n 2 openclip``, 2 gloo processes), 11.0 (SLURM: two ``python -u -m cadenza.train.openclip`` tasks with
 SLURM's variables), 13.0 (W&B, offline), 15.0 + 16.0 + 16.1 (checkpoint frequency, then resume from a path and from
 ``latest``), 17.0 (remote sync to S3), 18.0, 19.0, 20.0, 22.0 (ImageNet zero-shot), 23.0 (evaluation only), 24.0
 (CoCa), 25.0
 (SigLIP), 26.0 (distillation), 27.0 (small experiment), 28.0 (the large-scale recipe: ``torchrun --nproc_per_node 2
--m cadenza.engine.openclip``, WebDataset train/val, zero-shot, S3 sync, W&B offline), 29.0 (fine-tuning with a locked
+-m cadenza.train.openclip``, WebDataset train/val, zero-shot, S3 sync, W&B offline), 29.0 (fine-tuning with a locked
 image tower) and the CSV troubleshooting lines 33.0-33.2.
 
 Translated only: 5.x (architectures; ``tests/test_yamls.py`` builds their families), 6.0 (pretrained: run as part of
@@ -356,7 +356,7 @@ def test_skip_scheduler_quick_gelu_sizes_and_auto_types():
 
 
 def test_print_config_gives_a_yaml_that_composer_runs_the_same(tmp_path, capsys):
-    from cadenza.engine.config import load_config
+    from cadenza.train.config import load_config
 
     flags = guide_flags(COMMANDS["28.0"])
     assert openclip.main([*flags, "--name", "big", "--print-config"]) == 0
@@ -681,7 +681,7 @@ def run_command(command: list[str], env: dict[str, str] | None = None, cwd: Path
 
 def test_single_node_multi_gpu_with_composer_n(data, tmp_path):
     flags = substituted("9.0", {"--train-data": data["shards"], **log_flags(tmp_path, "two")})
-    run_command([sys.executable, "-m", "cadenza.engine.cli", "-n", "2", "openclip", *flags, *NO_PEAK])
+    run_command([sys.executable, "-m", "cadenza.train.cli", "-n", "2", "openclip", *flags, *NO_PEAK])
     row = metric_rows(run_folder(tmp_path, "two"), "train/loss")[-1]
     assert row["step"] == 2  # 16 samples, 2 processes x 4
     assert row["train/samples_per_second"] == pytest.approx(2 * row["train/samples_per_second_per_gpu"])
@@ -703,7 +703,7 @@ def test_large_scale_recipe_with_torchrun(data, tmp_path, s3_bucket, moto_server
     flags = substituted("28.0", values)
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run_command([*launcher, "-m", "cadenza.engine.openclip", *flags, *NO_PEAK], env, cwd=tmp_path)
+    run_command([*launcher, "-m", "cadenza.train.openclip", *flags, *NO_PEAK], env, cwd=tmp_path)
     folder = run_folder(tmp_path, "laion")
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert any("val/imagenet-zeroshot-val-top1" in r for r in rows) and any("val/clip_val_loss" in r for r in rows)
@@ -729,7 +729,7 @@ def test_slurm_tasks(data, tmp_path):
             "MASTER_PORT": port,
             **ONE_THREAD,
         }
-        command = [sys.executable, "-u", "-m", "cadenza.engine.openclip", *flags, *NO_PEAK]  # srun python -u ...
+        command = [sys.executable, "-u", "-m", "cadenza.train.openclip", *flags, *NO_PEAK]  # srun python -u ...
         processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     outputs = [p.communicate(timeout=600)[0].decode() for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
@@ -787,8 +787,8 @@ def plain(value: Any) -> Any:
 
 
 def test_readme_guide_table_yamls_mean_what_the_commands_mean():
-    from cadenza.engine.config import load_config
-    from cadenza.engine.launch import split_launcher_args
+    from cadenza.train.config import load_config
+    from cadenza.train.launch import split_launcher_args
 
     rows = readme_guide_rows()
     assert len(rows) == 33

@@ -100,7 +100,7 @@ def test_openclip_coca_file(tmp_path):
 
 def test_cadenza_checkpoint_through_the_yaml_key(tiny, tmp_path):
     """A Cadenza training checkpoint as ``model.pretrained`` of a new run: the new run starts from its weights."""
-    from cadenza.engine.trainer import Trainer
+    from cadenza.train.trainer import Trainer
 
     trained = Trainer(tiny("run.duration=2ba", "checkpoint.save_interval=2ba", "data.val=null", "run.name=first")).fit()
     checkpoint = tmp_path / "logs" / "first" / "checkpoints" / "ep0-ba2.pt"

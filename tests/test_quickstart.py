@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from cadenza.datasets.digits import TEMPLATES, WORDS, caption, split
-from cadenza.engine.cli import main as composer
+from cadenza.train.cli import main as composer
 
 from .conftest import ROOT
 
@@ -56,7 +56,7 @@ def test_quickstart_pipeline_runs_end_to_end(tmp_path):
 
 
 def test_quickstart_config_reads_the_digits_through_streaming():
-    from cadenza.engine.config import load_config
+    from cadenza.train.config import load_config
 
     cfg = load_config(ROOT / "yamls" / "quickstart.yaml")
     assert cfg.data.train.type == "streaming" and cfg.eval.zero_shot.path == "data/digits/test"

@@ -9,7 +9,7 @@ import shlex
 import pytest
 from omegaconf import OmegaConf
 
-from cadenza.engine.config import CadenzaConfig, build_config, load_config
+from cadenza.train.config import CadenzaConfig, build_config, load_config
 
 from .conftest import ROOT
 
@@ -41,8 +41,8 @@ def test_yaml_snippets_are_valid_configs():
 
 
 def test_composer_command_lines_load(tmp_path):
-    from cadenza.engine.cli import SUBCOMMANDS
-    from cadenza.engine.launch import split_launcher_args
+    from cadenza.train.cli import SUBCOMMANDS
+    from cadenza.train.launch import split_launcher_args
 
     lines = [line.split("#")[0].strip() for b in blocks("bash") for line in b.splitlines()]
     lines = [line.removeprefix("srun --ntasks-per-node 8 ") for line in lines]

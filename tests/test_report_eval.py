@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cadenza.engine.report import read_series, write_report
-from cadenza.engine.trainer import Trainer
+from cadenza.train.report import read_series, write_report
+from cadenza.train.trainer import Trainer
 
 from .conftest import ROOT, TINY
 
@@ -19,7 +19,7 @@ def test_report_writes_plots_of_the_logged_series(tiny):
     trainer = Trainer(tiny("run.log_interval=2ba"))
     trainer.fit()
     result = subprocess.run(
-        [sys.executable, "-m", "cadenza.engine.cli", "report", str(trainer.run_dir)],
+        [sys.executable, "-m", "cadenza.train.cli", "report", str(trainer.run_dir)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -42,7 +42,7 @@ def test_report_writes_plots_of_the_logged_series(tiny):
 
 def test_report_on_a_folder_without_metrics_fails_clearly(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "cadenza.engine.cli", "report", str(tmp_path)],
+        [sys.executable, "-m", "cadenza.train.cli", "report", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -59,7 +59,7 @@ def test_eval_only_from_a_checkpoint(tiny, tmp_path):
         [
             sys.executable,
             "-m",
-            "cadenza.engine.cli",
+            "cadenza.train.cli",
             "eval",
             str(TINY),
             f"run.logs={tmp_path / 'eval'}",
@@ -114,8 +114,8 @@ def _metric_rows(trainer) -> list[dict]:
 
 def test_mfu_is_counted_flops_times_throughput_over_the_peak(tiny):
     from cadenza.engine.mfu import flops_per_sample
-    from cadenza.engine.trainer import Trainer
     from cadenza.models import create_model
+    from cadenza.train.trainer import Trainer
 
     trainer = Trainer(tiny("data.val=null", "run.duration=4ba", "run.log_interval=2ba", "run.peak_tflops=0.5"))
     trainer.fit()
@@ -158,7 +158,7 @@ def test_the_cpu_peak_is_measured_on_a_smaller_matmul_where_matmuls_are_slow(mon
 
 def test_an_mfu_above_one_remeasures_a_disturbed_peak(tiny, monkeypatch):
     from cadenza.engine import callbacks
-    from cadenza.engine.trainer import Trainer
+    from cadenza.train.trainer import Trainer
 
     peaks = iter([1e3, 1e15])  # the start's measurement slowed down by other work, then a true one
     monkeypatch.setattr(callbacks, "peak_flops", lambda *args, **kwargs: next(peaks, 1e15))

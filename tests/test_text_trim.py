@@ -87,7 +87,7 @@ class RecordWidths(Callback):
 
 
 def short_run(tiny, *overrides: str):
-    from cadenza.engine.trainer import Trainer
+    from cadenza.train.trainer import Trainer
 
     recorder = RecordWidths()
     trainer = Trainer(
@@ -145,14 +145,14 @@ def test_flops_by_text_length_match_a_count_at_every_length():
 
 
 def test_asking_to_cut_coca_captions_is_a_config_error(tiny):
-    from cadenza.engine.trainer import Trainer
+    from cadenza.train.trainer import Trainer
 
     with pytest.raises(ConfigError, match="model.trim_text_padding.*CoCa"):
         Trainer(tiny("model.name=tiny-coca", "loss.name=coca", "model.trim_text_padding=true", "data.val=null"))
 
 
 def test_a_caption_length_the_context_cannot_hold_is_a_config_error(tiny):
-    from cadenza.engine.trainer import Trainer
+    from cadenza.train.trainer import Trainer
 
     with pytest.raises(ConfigError, match="max_caption_length must be from 1 to 30"):
         Trainer(tiny("data.train.max_caption_length=31", "data.val=null"))

@@ -12,7 +12,7 @@ import torch
 
 from cadenza.engine import Callback, Event, TrainingError
 from cadenza.engine.checkpoint import load_checkpoint
-from cadenza.engine.trainer import Trainer
+from cadenza.train.trainer import Trainer
 
 from .conftest import ROOT, TINY
 
@@ -248,7 +248,7 @@ def test_checkpoint_contents(tiny):
 
 def test_cli_trains_the_tiny_config(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "cadenza.engine.cli", str(TINY), f"run.logs={tmp_path}", "run.duration=4ba"],
+        [sys.executable, "-m", "cadenza.train.cli", str(TINY), f"run.logs={tmp_path}", "run.duration=4ba"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -262,7 +262,7 @@ def test_cli_trains_the_tiny_config(tmp_path):
 
 def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "cadenza.engine.cli", str(TINY), "optim.lrr=1"],
+        [sys.executable, "-m", "cadenza.train.cli", str(TINY), "optim.lrr=1"],
         capture_output=True,
         text=True,
         cwd=ROOT,

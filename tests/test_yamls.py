@@ -24,8 +24,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cadenza.engine.config import build_config, load_config
-from cadenza.engine.trainer import Trainer
+from cadenza.train.config import build_config, load_config
+from cadenza.train.trainer import Trainer
 
 from .conftest import ROOT
 

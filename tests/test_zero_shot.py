@@ -13,8 +13,8 @@ from PIL import Image
 from cadenza.engine.errors import ConfigError
 from cadenza.engine.logger import Logger
 from cadenza.engine.state import State
-from cadenza.engine.trainer import Trainer
-from cadenza.engine.zero_shot import (
+from cadenza.train.trainer import Trainer
+from cadenza.train.zero_shot import (
     ZeroShotEvaluator,
     build_classifier_weights,
     imagenet_classnames,

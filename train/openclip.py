@@ -3,7 +3,7 @@
     composer openclip --train-data data.csv --model ViT-B-32 --batch-size 64 --epochs 10
     composer openclip --train-data data.csv --model ViT-B-32 --print-config > run.yaml   # the YAML they become
     composer openclip --train-data data.csv --model ViT-B-32 -- run.duration=100ba       # plus Cadenza overrides
-    torchrun --nproc_per_node 4 -m cadenza.engine.openclip --train-data ... --model ViT-B-32
+    torchrun --nproc_per_node 4 -m cadenza.train.openclip --train-data ... --model ViT-B-32
     composer -n 4 openclip --train-data ... --model ViT-B-32
 
 Every flag of ``open_clip_train/params.py`` is accepted with its name, type and default, and translated into
@@ -34,6 +34,9 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from cadenza.engine.errors import CadenzaError, ConfigError
+from cadenza.models.factory import list_models
+from cadenza.train.config import build_config
+from cadenza.train.trainer import train
 
 log = logging.getLogger("cadenza")
 
@@ -294,8 +297,6 @@ def _run(args, problems: list[str]) -> dict[str, Any]:
 
 
 def _model(args, problems: list[str]) -> dict[str, Any]:
-    from cadenza.models.factory import list_models
-
     name = args.model
     if args.force_quick_gelu and not name.endswith("-quickgelu"):
         name = f"{name}-quickgelu"
@@ -415,7 +416,7 @@ def _data(args, problems: list[str]) -> dict[str, Any]:
     data["batch_size"] = args.batch_size
     data["workers"] = args.workers
     if args.aug_cfg:
-        data["augment"] = {key: _plain(value) for key, value in args.aug_cfg.items()}
+        data["augment"] = {key: _as_list(value) for key, value in args.aug_cfg.items()}
     return data
 
 
@@ -562,10 +563,10 @@ def _dist(args, problems: list[str]) -> dict[str, Any]:
     return {"backend": backend, "static_graph": args.ddp_static_graph}
 
 
-def _plain(value: Any) -> Any:
+def _as_list(value: Any) -> Any:
     """Tuples (Python literals) become lists, which YAML and OmegaConf hold."""
     if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
+        return [_as_list(v) for v in value]
     return value
 
 
@@ -594,8 +595,6 @@ def build(argv: list[str], overrides: list[str] = ()) -> tuple[argparse.Namespac
         FlagError: untranslatable flags.
         ConfigError: the translated config is invalid (the message also names the flags behind the key).
     """
-    from cadenza.engine.config import build_config
-
     args = parse_flags(argv)
     user = translate(args)
     for item in overrides:
@@ -640,8 +639,6 @@ def run(flags: list[str], overrides: list[str]) -> int:
         if args.print_config:
             sys.stdout.write(config_yaml([f for f in flags if f != "--print-config"], user))
             return 0
-        from cadenza.engine.trainer import train
-
         train(cfg)
     except (FlagError, ConfigError) as error:
         sys.stderr.write(f"composer openclip: configuration error: {error}\n")

@@ -11,7 +11,6 @@ import random
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +23,6 @@ from cadenza.datasets.transforms import image_transform
 from cadenza.engine import dist
 from cadenza.engine.callbacks import RetrievalEvaluator, TrainMetrics
 from cadenza.engine.checkpoint import CheckpointSaver, find_latest, load_checkpoint, resolve_resume
-from cadenza.engine.config import to_yaml
 from cadenza.engine.engine import Engine, check_algorithms
 from cadenza.engine.errors import ConfigError, TrainingError
 from cadenza.engine.event import Event
@@ -33,12 +31,13 @@ from cadenza.engine.logger import Logger, setup_logging
 from cadenza.engine.object_store import is_remote
 from cadenza.engine.optim import build_optimizer, build_scheduler
 from cadenza.engine.precision import autocast_context, weights_dtype
-from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, MODELS
+from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, LOSSES, MODELS
 from cadenza.engine.state import State
 from cadenza.engine.time import Time
-from cadenza.engine.zero_shot import build_zero_shot
 from cadenza.models.losses import LOSS_MODEL_INIT
 from cadenza.models.tokenizer import get_tokenizer
+from cadenza.train.config import loss_arguments, to_yaml
+from cadenza.train.zero_shot import build_zero_shot
 
 log = logging.getLogger("cadenza")
 
@@ -88,7 +87,7 @@ class Trainer:
 
         # The model, seeded identically on every rank, before anything that holds its parameters.
         seed_everything(cfg.run.seed)
-        overrides = {**LOSS_MODEL_INIT.get(cfg.loss.name, {}), **_plain(cfg.model.overrides)}
+        overrides = {**LOSS_MODEL_INIT.get(cfg.loss.name, {}), **OmegaConf.to_container(cfg.model.overrides)}
         model = MODELS.build(cfg.model.name, {"pretrained": cfg.model.pretrained, "overrides": overrides}, "model")
         model = model.to(device=device, dtype=weights_dtype(cfg.run.precision))
         self.trim_text = trims_text_padding(cfg, model)
@@ -99,16 +98,17 @@ class Trainer:
         eval_loader = self._build_loader(cfg.data.val, "data.val", model, info, train=False)
         state = State(model=model, config=cfg, device=device, precision=cfg.run.precision, dist=info)
         state.train_loader, state.eval_loader = train_loader, eval_loader
-        self.evaluates = eval_loader is not None or cfg.eval.zero_shot.path is not None
         state.accum_freq = cfg.optim.accum_freq
         state.samples_per_batch = cfg.data.batch_size * cfg.optim.accum_freq * info.world_size
+        self.evaluates = eval_loader is not None or cfg.eval.zero_shot.path is not None
+        self.eval_every = 0  # steps between evaluations (time strings are parsed here, not in the loop)
         if train_loader is not None:
             self._set_durations(state)
 
-        # Algorithms are built and checked against each other before anything runs.
+        # The loss, then the algorithms, checked against each other, the loss and the data before anything runs.
+        state.loss_fn = LOSSES.build(cfg.loss.name, loss_arguments(cfg.loss), "loss")
         state.algorithms = [ALGORITHMS.build(n, a, f"algorithms.{n}") for n, a in cfg.algorithms.items()]
         check_algorithms(state.algorithms, state)
-        state.loss_fn = self._build_loss(cfg.loss)
 
         # Callbacks: metrics and checkpoints first (loggers see their output), loggers, then user callbacks.
         destinations = [LOGGERS.build(n, a, f"loggers.{n}", run_dir=self.run_dir) for n, a in cfg.loggers.items()]
@@ -150,7 +150,7 @@ class Trainer:
             context_length=model.context_length,
             vocab_size=model.vocab_size,
             transform=image_transform(
-                model.image_size, train, model.image_mean, model.image_std, **_plain(data.augment)
+                model.image_size, train, model.image_mean, model.image_std, **OmegaConf.to_container(data.augment)
             ),
             tokenizer=get_tokenizer(self.cfg.model.name, context_length=model.context_length),
             workers=data.workers,
@@ -167,7 +167,7 @@ class Trainer:
             "context": context,
         }
         accepted = inspect.signature(DATASETS.get(section.type, f"{key}.type")).parameters
-        args = {k: v for k, v in _plain(section).items() if k != "type"}
+        args = {k: v for k, v in OmegaConf.to_container(section).items() if k != "type"}
         dataset = DATASETS.build(section.type, args, key, **{k: v for k, v in runtime.items() if k in accepted})
         if hasattr(dataset, "state_dict") and hasattr(dataset, "batches_per_epoch"):
             return dataset  # a format with its own resumable loader
@@ -186,6 +186,8 @@ class Trainer:
             )
         convert = (state.batches_per_epoch, state.samples_per_batch)
         state.max_batches = Time.parse(cfg.run.duration, "run.duration").to_batches(*convert)
+        if self.evaluates:
+            self.eval_every = Time.parse(cfg.eval.interval, "eval.interval").to_batches(*convert, state.max_batches)
         self.warmup_batches = Time.parse(cfg.optim.warmup, "optim.warmup").to_batches(*convert, state.max_batches)
         self.cooldown_batches = 0
         if cfg.optim.cooldown is not None:
@@ -224,18 +226,6 @@ class Trainer:
             static_graph=self.cfg.dist.static_graph,
         )
 
-    def _build_loss(self, cfg: DictConfig) -> nn.Module:
-        from cadenza.models.losses import LOSSES, build_loss
-
-        if cfg.name not in LOSSES:
-            raise ConfigError("loss.name", f"unknown loss '{cfg.name}'. Valid: {', '.join(LOSSES)}.")
-        accepted = inspect.signature(LOSSES[cfg.name]).parameters
-        args = {k: v for k, v in _plain(cfg).items() if k != "name"}
-        for key, value in args.items():
-            if key not in accepted and value:
-                raise ConfigError(f"loss.{key}", f"has no meaning for loss.name={cfg.name}; remove it.")
-        return build_loss(cfg.name, **{k: v for k, v in args.items() if k in accepted})
-
     def _builtin_callbacks(self, state: State) -> list:
         cfg = self.cfg
         callbacks: list = []
@@ -269,7 +259,7 @@ class Trainer:
     def _build_callback(self, name: str, args: DictConfig):
         accepted = inspect.signature(CALLBACKS.get(name, f"callbacks.{name}")).parameters
         runtime = {"run_dir": self.run_dir} if "run_dir" in accepted else {}
-        return CALLBACKS.build(name, _plain(args), f"callbacks.{name}", **runtime)
+        return CALLBACKS.build(name, OmegaConf.to_container(args), f"callbacks.{name}", **runtime)
 
     def _log_setup(self, state: State) -> None:
         params = sum(p.numel() for p in state.model.parameters())
@@ -457,13 +447,7 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------------------
     def _eval_due(self) -> bool:
-        state = self.state
-        if not self.evaluates:
-            return False
-        every = Time.parse(self.cfg.eval.interval, "eval.interval").to_batches(
-            state.batches_per_epoch, state.samples_per_batch, state.max_batches
-        )
-        return every > 0 and state.timestamp.batch % every == 0
+        return self.eval_every > 0 and self.state.timestamp.batch % self.eval_every == 0
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -485,10 +469,6 @@ class Trainer:
         state.wrapped_model.train()
         self._evaluated_at_last_step = True
         return dict(state.eval_metrics)
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def trims_text_padding(cfg: DictConfig, model: nn.Module) -> bool:

@@ -10,10 +10,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from cadenza.datasets import convert
 from cadenza.engine.errors import CadenzaError, ConfigError
+from cadenza.models import export
+from cadenza.train import evaluate, openclip, report
+from cadenza.train.config import load_config
+from cadenza.train.launch import launch, split_launcher_args
+from cadenza.train.trainer import train
 
 log = logging.getLogger("cadenza")
 
@@ -26,25 +33,21 @@ Train a CLIP model from a YAML config. Overrides use dotted keys, e.g.
 """
 
 
-#: ``composer <name> ...`` runs ``<module>.main(argv)``; each returns an exit status
-SUBCOMMANDS: dict[str, str] = {
-    "convert": "cadenza.datasets.convert",
-    "export": "cadenza.models.export",
-    "eval": "cadenza.engine.evaluate",
-    "report": "cadenza.engine.report",
-    "openclip": "cadenza.engine.openclip",
+#: ``composer <name> ...`` runs ``main(argv)`` of the subcommand's module; each returns an exit status
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "convert": convert.main,
+    "export": export.main,
+    "eval": evaluate.main,
+    "report": report.main,
+    "openclip": openclip.main,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
-        import importlib
-
-        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+        return SUBCOMMANDS[argv[0]](argv[1:])
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        from cadenza.engine.launch import launch, split_launcher_args
-
         return launch(*split_launcher_args(argv))
     return train_main(argv)
 
@@ -57,9 +60,6 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     try:
-        from cadenza.engine.config import load_config
-        from cadenza.engine.trainer import train
-
         cfg = load_config(args.config, args.overrides)
         train(cfg)
     except ConfigError as error:

@@ -16,8 +16,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cadenza import algorithms, datasets, models  # noqa: F401 - their modules fill the tables below
+from cadenza.datasets.transforms import image_transform
+from cadenza.engine import callbacks, loggers, remote_sync  # noqa: F401 - so do these
 from cadenza.engine.errors import ConfigError, suggest
+from cadenza.engine.object_store import is_remote
+from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, LOSSES, MODELS
 from cadenza.engine.time import Time, TimeUnit
+from cadenza.models.factory import get_model_config, list_models
+from cadenza.models.losses import LOSS_MODEL_TYPES
+from cadenza.train.zero_shot import load_templates
 
 PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16", "fp16")
 SCHEDULERS = ("cosine", "const", "const-cooldown")
@@ -110,7 +118,7 @@ class CheckpointConfig:
 
 @dataclass
 class ZeroShotConfig:
-    """Zero-shot classification on an image folder (``engine/zero_shot.py``); off while ``path`` is unset."""
+    """Zero-shot classification on an image folder (``train/zero_shot.py``); off while ``path`` is unset."""
 
     path: str | None = None  # <path>/<class>/<image>, classes in sorted folder order
     classnames: Any = None  # a list, a file (one per line) or 'imagenet', in folder order; default see README
@@ -252,8 +260,6 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _check_values(cfg: DictConfig) -> None:
-    from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, MODELS
-
     _check_choice("run.precision", cfg.run.precision, PRECISIONS)
     _check_choice("run.device", cfg.run.device, DEVICES)
     _check_choice("optim.scheduler", cfg.optim.scheduler, SCHEDULERS)
@@ -303,8 +309,6 @@ def _check_values(cfg: DictConfig) -> None:
         args = {k: v for k, v in dataset.items() if k != "type"}
         DATASETS.check_args(dataset.type, args, f"data.{split}", runtime=DATASET_RUNTIME_ARGS)
     try:
-        from cadenza.datasets.transforms import image_transform
-
         image_transform(32, True, **OmegaConf.to_container(cfg.data.augment))
     except (TypeError, ValueError) as error:
         raise ConfigError("data.augment", str(error)) from error
@@ -314,8 +318,6 @@ def _check_values(cfg: DictConfig) -> None:
         )
     templates = cfg.eval.zero_shot.templates
     if templates is not None:
-        from cadenza.engine.zero_shot import load_templates
-
         if not isinstance(templates, str) and not OmegaConf.is_list(templates):
             raise ConfigError("eval.zero_shot.templates", f"expected a set name, a file or a list, got {templates!r}.")
         load_templates(templates if isinstance(templates, str) else list(templates))
@@ -332,8 +334,6 @@ def _check_values(cfg: DictConfig) -> None:
 
 def _check_dist(cfg: DictConfig) -> None:
     """FSDP replaces DDP: DDP's options, fp16 loss scaling and object-store uploads of sharded checkpoints are out."""
-    from cadenza.engine.object_store import is_remote
-
     _check_choice("dist.fsdp_state_dict", cfg.dist.fsdp_state_dict, FSDP_STATE_DICTS)
     if not cfg.dist.fsdp:
         if cfg.dist.fsdp_state_dict != "full":
@@ -359,12 +359,8 @@ def _check_dist(cfg: DictConfig) -> None:
 def _resolve_loss(cfg: DictConfig) -> None:
     """``loss.name`` exists and fits the model; keys the loss does not take stay unset; unset ones it takes get its
     default (so the resolved config shows them)."""
-    from cadenza.models.factory import get_model_config, list_models
-    from cadenza.models.losses import LOSS_MODEL_TYPES, LOSSES
-
     name = cfg.loss.name
-    _check_choice("loss.name", name, tuple(LOSSES))
-    accepted = inspect.signature(LOSSES[name]).parameters
+    accepted = inspect.signature(LOSSES.get(name, "loss.name")).parameters
     for schema_field in dataclasses.fields(LossConfig):
         key, value = schema_field.name, cfg.loss[schema_field.name]
         if key == "name":
@@ -392,6 +388,12 @@ def _resolve_loss(cfg: DictConfig) -> None:
         f"loss.name={name} trains {LOSS_MODEL_TYPES[name]} models, and model.name={cfg.model.name} is a {model_type} "
         f"model. CoCa architectures: {', '.join(n for n in list_models() if 'coca' in n)}.",
     )
+
+
+def loss_arguments(loss: DictConfig) -> dict[str, Any]:
+    """The constructor arguments of ``loss.name`` in a validated ``loss`` section (the keys it takes)."""
+    accepted = inspect.signature(LOSSES.get(loss.name, "loss.name")).parameters
+    return {key: value for key, value in OmegaConf.to_container(loss).items() if key in accepted}
 
 
 #: arguments a dataset builder gets from the trainer, never from YAML

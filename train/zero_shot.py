@@ -6,7 +6,7 @@ image's logits are ``100 * image_embedding @ class_embeddings.T``. Reports OpenC
 ``val/<name>-zeroshot-val-top1`` and ``-top5``, at ``eval.interval`` and at the end of training, with or
 without ``data.val``. Images are split over processes and the counts summed.
 
-ImageNet ships as data (``engine/zero_shot_data/``, from OpenAI's CLIP notebook, MIT licence): the 1000 class
+ImageNet ships as data (``train/zero_shot_data/``, from OpenAI's CLIP notebook, MIT licence): the 1000 class
 names OpenAI curated, in class-index order, and their 80 prompt templates (``openai``, the default, as in
 OpenCLIP's ImageNet evaluation) and the 7-prompt subset (``simple``). Folders named by WordNet id
 (``n01440764``, ImageNet's layout) are named from that list through timm's ImageNet synset table, so an
@@ -31,10 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from cadenza.datasets.samples import SampleError, read_image_file
+from cadenza.datasets.transforms import image_transform
 from cadenza.engine import dist
 from cadenza.engine.algorithm import Callback
 from cadenza.engine.errors import ConfigError
 from cadenza.engine.precision import autocast_context
+from cadenza.models.tokenizer import get_tokenizer
 
 if TYPE_CHECKING:
     from cadenza.engine.logger import Logger
@@ -149,8 +152,6 @@ class ImageFolderFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
-        from cadenza.datasets.samples import SampleError, read_image_file
-
         path, label = self.files[index]
         try:
             image = read_image_file(path)
@@ -265,9 +266,6 @@ def build_zero_shot(
     are cut after the batch's longest (``model.trim_text_padding``)."""
     if cfg.path is None:
         return None
-    from cadenza.datasets.transforms import image_transform
-    from cadenza.models.tokenizer import get_tokenizer
-
     classnames = cfg.classnames if isinstance(cfg.classnames, str) or cfg.classnames is None else list(cfg.classnames)
     tokenizer = get_tokenizer(model_name, context_length=model.context_length)
     return ZeroShotEvaluator(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 
 from cadenza.engine.errors import CadenzaError, ConfigError
+from cadenza.train.config import load_config
+from cadenza.train.trainer import Trainer
 
 
 def main(argv: list[str]) -> int:
@@ -18,9 +20,6 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
     config, *overrides = argv
     try:
-        from cadenza.engine.config import load_config
-        from cadenza.engine.trainer import Trainer
-
         cfg = load_config(config, [*overrides, "data.train=null"])
         metrics = Trainer(cfg).fit().eval_metrics
     except ConfigError as error:
