@@ -68,11 +68,13 @@ class EMA(Algorithm):
     ) -> None:
         if (half_life is None) == (decay is None):
             raise ValueError("set exactly one of 'half_life' or 'decay'")
-        if half_life is not None:
-            Time.parse(half_life, "algorithms.ema.half_life")
         if decay is not None and not 0 < decay < 1:
             raise ValueError("decay must lie in (0, 1)")
-        Time.parse(start, "algorithms.ema.start")
+        # time strings parsed once here; in steps once the run's length is known (FIT_START)
+        self._half_life = Time.parse(half_life, "algorithms.ema.half_life") if half_life is not None else None
+        self._start = Time.parse(start, "algorithms.ema.start")
+        self._start_step = 0
+        self._decay = decay
         self.half_life = half_life
         self.decay = decay
         self.start = start
@@ -83,9 +85,7 @@ class EMA(Algorithm):
     def step_decay(self, state: State) -> float:
         if self.decay is not None:
             return self.decay
-        steps = Time.parse(self.half_life).to_batches(
-            state.batches_per_epoch, state.samples_per_batch, state.max_batches
-        )
+        steps = self._half_life.to_batches(state.batches_per_epoch, state.samples_per_batch, state.max_batches)
         return decay_from_half_life(max(steps, 1))
 
     def match(self, event: Event, state: State) -> bool:
@@ -98,11 +98,12 @@ class EMA(Algorithm):
             if not self.ema:  # a resumed run has its average from the checkpoint (full tensors: shard them)
                 self.ema = copy_weights(state.model)
             self.ema = shard_like(self.ema, state.model)
-        elif event == Event.AFTER_OPTIMIZER_STEP:
-            start = Time.parse(self.start).to_batches(
+            self._decay = self.step_decay(state)
+            self._start_step = self._start.to_batches(
                 state.batches_per_epoch, state.samples_per_batch, state.max_batches
             )
-            decay = self.step_decay(state) if state.timestamp.batch + 1 > start else 0.0
+        elif event == Event.AFTER_OPTIMIZER_STEP:
+            decay = self._decay if state.timestamp.batch + 1 > self._start_step else 0.0
             update_ema(self.ema, state.model, decay)
         elif event == Event.EVAL_START:
             self._training_weights = copy_weights(state.model)

@@ -3,6 +3,7 @@
 ``norm`` rescales all gradients so their global L2 norm is at most ``norm`` (OpenCLIP's
 ``--grad-clip-norm``, ``torch.nn.utils.clip_grad_norm_``); ``value`` clamps each element to
 ``[-value, value]``. Runs on ``BEFORE_OPTIMIZER_STEP``, after AMP's unscaling, so it sees true gradients.
+Clipping by norm reports the norm before clipping, averaged over each logging window, as ``train/grad_norm``.
 Under FSDP (``dist.fsdp``) gradients are ``DTensor`` shards: their norm is reduced over the shards
 and combined with the replicated ones', so the global norm is the one a single process computes.
 """
@@ -57,7 +58,7 @@ class GradientClipping(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         total = clip_gradients(state.model.parameters(), self.norm, self.value)
         if total is not None:
-            state.outputs["grad_norm"] = total.detach()
+            state.step_metrics["grad_norm"] = total.detach()
 
 
 @torch.no_grad()

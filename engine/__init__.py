@@ -1,4 +1,8 @@
-"""Cadenza's engine: events, state, algorithms, callbacks, the trainer and the ``composer`` CLI."""
+"""Cadenza's kernel (events, state, algorithms, callbacks, the engine, time, registries, errors) and the services
+that know nothing of CLIP (dist, precision, fsdp, optim, checkpoints, object store, loggers, metrics).
+
+Nothing here imports ``cadenza.train``, ``cadenza.algorithms``, ``cadenza.datasets`` or ``cadenza.models``.
+"""
 
 from cadenza.engine.algorithm import Algorithm, Callback
 from cadenza.engine.errors import CadenzaError, CheckpointError, ConfigError, DataError, TrainingError

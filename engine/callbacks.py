@@ -31,7 +31,8 @@ def synchronize(device: torch.device) -> None:
 
 
 class TrainMetrics(Callback):
-    """Every ``interval`` steps: losses, LR, logit scale and throughput averaged over the window.
+    """Every ``interval`` steps: losses, LR, logit scale, throughput and the algorithms' ``state.step_metrics``
+    (``train/grad_norm``) averaged over the window.
 
     Losses are accumulated on the device without synchronizing; the device is synchronized once per
     window, so samples/s is the real rate over the whole window, not one step's. Time between the end
@@ -63,7 +64,7 @@ class TrainMetrics(Callback):
         self._steps = 0
         self._samples = 0
         self._flops = 0.0  # this process's
-        self._loss_sums: dict[str, torch.Tensor] = {}
+        self._window_sums: dict[str, torch.Tensor] = {}
 
     def init(self, state: State, logger: Logger) -> None:
         # After the algorithms changed the model, before DDP or FSDP wraps it (FSDP's hooks cannot run on meta).
@@ -109,9 +110,9 @@ class TrainMetrics(Callback):
         self._samples += state.samples_per_batch
         for _, tokens in state.batch:  # (images, tokens) micro-batches, tokens maybe cut to the longest caption
             self._flops += self._flops_per_sample(tokens.shape[-1]) * tokens.shape[0]
-        for name, value in {"loss": state.loss, **state.loss_dict}.items():
+        for name, value in {"loss": state.loss, **state.loss_dict, **state.step_metrics}.items():
             value = value.detach().float()
-            self._loss_sums[name] = self._loss_sums[name] + value if name in self._loss_sums else value
+            self._window_sums[name] = self._window_sums[name] + value if name in self._window_sums else value
         if state.timestamp.batch % self.interval == 0 or state.is_done:
             self._log(state, logger)
 
@@ -120,7 +121,7 @@ class TrainMetrics(Callback):
         elapsed = time.perf_counter() - self._window_start - self._excluded
         if not self._peak:  # after the window's clock stopped; _reset starts the next one after it
             self._peak = peak_flops(state.device, state.precision)
-        losses = {name: dist.all_reduce_mean(total / self._steps).item() for name, total in self._loss_sums.items()}
+        losses = {name: dist.all_reduce_mean(total / self._steps).item() for name, total in self._window_sums.items()}
         model = state.model
         metrics = {f"train/{name}": value for name, value in losses.items()}
         metrics.update(

@@ -9,11 +9,11 @@ class Event(str, Enum):
     """An event fired by the trainer. The loop, with every event where it fires::
 
         # Trainer.__init__
-        <build model>
-        INIT                                  # algorithms change the model before the optimizer sees it
-        <build optimizer, scheduler, data, loss>
-        BEFORE_LOAD
-        <load checkpoint, when resuming>
+        <build model, train_loader, eval_loader, loss_fn, algorithms, callbacks>
+        INIT                                  # algorithms change the model (and loss) before it is wrapped
+        <build optimizer, scheduler>          # the optimizer collects what INIT left trainable
+        BEFORE_LOAD                           # when resuming:
+        <load checkpoint>
         AFTER_LOAD
 
         # Trainer.fit

@@ -1,32 +1,28 @@
-"""The logger hands metrics to every destination (console, jsonl, TensorBoard, W&B, ...)."""
+"""The ``Logger``: fans each metric out to the run's destinations (console, jsonl, TensorBoard, W&B, ...).
+
+The destinations themselves (``LoggerDestination`` and the ones YAML names under ``loggers:``) are in
+``logger_destinations.py``; Python's text logging (``out.log``) is set up in ``text_log.py``.
+"""
 
 from __future__ import annotations
 
-import logging
-import sys
-from pathlib import Path
-from typing import Any
-
-from cadenza.engine.algorithm import Callback
-
-log = logging.getLogger("cadenza")
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 
-class LoggerDestination(Callback):
-    """Receives metrics. Destinations are callbacks too, so they see ``fit_start``, ``close``, ..."""
+class MetricSink(Protocol):
+    """What the logger writes to: every ``LoggerDestination`` is one."""
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Record ``metrics`` at optimizer step ``step``."""
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def log_hyperparameters(self, params: dict[str, Any]) -> None:
-        """Record the run's configuration once at the start."""
+    def log_hyperparameters(self, params: dict[str, Any]) -> None: ...
 
 
 class Logger:
     """Fans metrics out to the destinations; only rank 0 writes (others keep their values local)."""
 
-    def __init__(self, destinations: list[LoggerDestination], is_main: bool = True) -> None:
-        self.destinations = destinations
+    def __init__(self, destinations: Sequence[MetricSink], is_main: bool = True) -> None:
+        self.destinations = list(destinations)
         self.is_main = is_main
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -38,36 +34,3 @@ class Logger:
         if self.is_main:
             for destination in self.destinations:
                 destination.log_hyperparameters(params)
-
-
-class _TqdmHandler(logging.StreamHandler):
-    """Writes log lines through tqdm so a live progress bar is not torn apart."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # noqa: BLE001 - logging must never raise
-            self.handleError(record)
-
-
-def setup_logging(run_dir: Path | None, rank: int, level: int = logging.INFO) -> None:
-    """Log ``cadenza.*`` to the console and to ``<run_dir>/out.log`` (rank 0; other ranks ``out_rank<r>.log``)."""
-    root = logging.getLogger("cadenza")
-    root.setLevel(logging.DEBUG)
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    formatter = logging.Formatter("%(asctime)s | %(levelname)s | %(message)s", "%Y-%m-%d,%H:%M:%S")
-    console = _TqdmHandler()
-    console.setLevel(level if rank == 0 else logging.WARNING)
-    console.setFormatter(formatter)
-    root.addHandler(console)
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(run_dir / ("out.log" if rank == 0 else f"out_rank{rank}.log"))
-        file_handler.setLevel(level)
-        file_handler.setFormatter(formatter)
-        root.addHandler(file_handler)
-    root.propagate = False

@@ -83,7 +83,7 @@ class Registry(Generic[T]):
 
 ALGORITHMS: Registry = Registry("algorithm")  # algorithms/
 CALLBACKS: Registry = Registry("callback")  # engine/callbacks.py, engine/remote_sync.py
-LOGGERS: Registry = Registry("logger")  # engine/loggers.py
+LOGGERS: Registry = Registry("logger")  # engine/logger_destinations.py
 DATASETS: Registry = Registry("dataset")  # datasets/
 MODELS: Registry = Registry("model")  # models/factory.py
 LOSSES: Registry = Registry("loss")  # models/losses.py

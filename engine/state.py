@@ -32,6 +32,8 @@ class State:
         micro_batch: the micro-batch being processed (``(images, tokens)``).
         outputs: the model's output dict for ``micro_batch``.
         loss_dict: the named losses of ``micro_batch`` (``contrastive_loss``, ...); ``loss`` is their sum.
+        step_metrics: scalars an algorithm measured in this optimizer step (device tensors, never synchronized),
+            averaged over the logging window and logged as ``train/<name>`` (``grad_norm``); emptied every step.
         max_batches: the run's length in optimizer steps; ``batches_per_epoch`` likewise.
         stop_training: set by a hook to end ``fit`` after the current step.
     """
@@ -60,6 +62,7 @@ class State:
     outputs: dict[str, Any] = field(default_factory=dict)
     loss_dict: dict[str, torch.Tensor] = field(default_factory=dict)
     loss: torch.Tensor | None = None
+    step_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     stop_training: bool = False
 

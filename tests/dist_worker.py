@@ -37,7 +37,7 @@ class FirstStepGradients(Callback):
         }
         loss_mean = all_reduce_mean(state.loss.detach())
         if state.dist.is_main:
-            grad_norm = state.outputs.get("grad_norm")  # set by gradient_clipping, which ran before this callback
+            grad_norm = state.step_metrics.get("grad_norm")  # set by gradient_clipping, which ran before this callback
             saved = {
                 "loss": state.loss.detach().clone(),
                 "loss_mean": loss_mean,

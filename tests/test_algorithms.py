@@ -67,7 +67,7 @@ def test_gradient_clipping_on_a_minimal_state():
     assert not algorithm.match(Event.AFTER_BACKWARD, state)
     algorithm.apply(Event.BEFORE_OPTIMIZER_STEP, state, Logger([]))
     assert torch.allclose(model.weight.grad, torch.tensor([[3.0, 4.0]]))
-    assert state.outputs["grad_norm"].item() == pytest.approx(50.0)
+    assert state.step_metrics["grad_norm"].item() == pytest.approx(50.0)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"norm": 1.0, "value": 1.0}, {"norm": -1.0}])

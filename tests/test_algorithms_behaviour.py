@@ -261,6 +261,16 @@ def test_distillation_trains_and_rejects_accumulation(tiny):
         Trainer(tiny(*NO_EVAL, "loss.name=siglip", "algorithms.distillation={teacher: tiny-vit}"))
 
 
+def test_distillation_rejects_a_non_clip_loss_when_checked_not_at_init():
+    """The loss is built before the algorithms are checked, so the combination fails before any teacher is built."""
+    from cadenza.models.losses import ClipLoss, SigLipLoss
+
+    algorithm = Distillation(teacher="no-such-teacher")  # never built: the check comes first
+    with pytest.raises(ConfigError, match="loss.name=siglip cannot be combined"):
+        algorithm.check_compatible([], State(model=torch.nn.Linear(1, 1), loss_fn=SigLipLoss()))
+    algorithm.check_compatible([], State(model=torch.nn.Linear(1, 1), loss_fn=ClipLoss()))
+
+
 # -- torch_compile ---------------------------------------------------------------------------------
 def test_torch_compile_matches_eager():
     model = create_model("tiny-vit")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -132,3 +134,27 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(ti
     assert resumed.state.timestamp.batch == 0  # 'latest' looks in the new save_folder: nothing there yet
     resumed = Trainer(tiny(*overrides, f"checkpoint.resume={small_disk / 'epoch_latest.pt'}"))
     assert resumed.state.timestamp.batch == 2
+
+
+#: written by the code before the move to train/ (commit 6a3c730): yamls/tiny.yaml with these overrides, 4 of 8 steps
+PRELAYOUT = Path(__file__).parent / "fixtures" / "prelayout-ep0-ba4.pt"
+PRELAYOUT_RUN = (
+    "data.val=null",
+    "data.train.num_samples=64",
+    "data.batch_size=8",
+    "optim.scheduler=const",
+    "checkpoint.save_interval=4ba",
+    "model.overrides={text: {vocab_size: 256, width: 32}, vision: {timm_kwargs: {embed_dim: 32}}}",
+)
+
+
+def test_a_checkpoint_of_the_previous_layout_resumes(tiny, tmp_path):
+    """Old code's 4 steps, then this code's 4, land where this code's 8 in one go do (the first 4 ran on another
+    machine's kernels, so within float tolerance, not bit for bit)."""
+    straight = Trainer(tiny(*PRELAYOUT_RUN, "run.name=straight", "run.duration=8ba")).fit()
+    resumed = Trainer(tiny(*PRELAYOUT_RUN, "run.name=resumed", "run.duration=8ba", f"checkpoint.resume={PRELAYOUT}"))
+    assert resumed.state.timestamp.batch == 4
+    state = resumed.fit()
+    assert state.timestamp.batch == 8
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(state.model.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)

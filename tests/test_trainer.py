@@ -152,6 +152,42 @@ def test_events_of_a_two_batch_run_follow_the_documented_loop(tiny):
     assert firsts == [e for e in documented_order() if e in firsts]
 
 
+def documented_builds() -> list[list[str]]:
+    """The ``State`` fields each ``<build ...>`` line of the ``Event`` docstring names, in order."""
+    return [[name.strip() for name in line.split(",")] for line in re.findall(r"<build ([^>]+)>", Event.__doc__)]
+
+
+def test_components_are_built_in_the_documented_order(tiny):
+    """At INIT what the docstring builds before INIT exists and what it builds after does not; at BEFORE_LOAD all do."""
+    before_init, after_init = documented_builds()
+    seen: dict[Event, dict[str, bool]] = {}
+
+    class RecordBuilt(Callback):
+        def run_event(self, event, state, logger):
+            if event in (Event.INIT, Event.BEFORE_LOAD):
+                seen[event] = {name: bool(getattr(state, name)) for name in before_init + after_init}
+
+    Trainer(tiny(*NO_EVAL, "run.name=built", "run.duration=1ba")).fit()
+    config = tiny("run.name=built", "run.duration=2ba", "checkpoint.resume=latest")  # with data.val and clipping
+    Trainer(config, callbacks=[RecordBuilt()])
+    assert seen[Event.INIT] == {**dict.fromkeys(before_init, True), **dict.fromkeys(after_init, False)}
+    assert seen[Event.BEFORE_LOAD] == dict.fromkeys(before_init + after_init, True)
+
+
+def test_gradient_clipping_logs_the_window_mean_of_the_norm_as_train_grad_norm(tiny):
+    norms: list[float] = []
+
+    class RecordNorm(Callback):
+        def before_optimizer_step(self, state, logger):  # callbacks run after the algorithms of the same event
+            norms.append(state.step_metrics["grad_norm"].item())
+
+    trainer = Trainer(tiny(*NO_EVAL, "optim.grad_clip_norm=1.0", "run.duration=8ba"), callbacks=[RecordNorm()])
+    trainer.fit()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [row["train/grad_norm"] for row in rows if "train/grad_norm" in row]
+    assert logged == pytest.approx([sum(norms[:4]) / 4, sum(norms[4:]) / 4], rel=1e-5)
+
+
 def test_accumulation_fires_forward_twice_per_micro_batch(tiny):
     recorder = RecordEvents()
     Trainer(tiny(*NO_EVAL, "run.duration=1ba", "optim.accum_freq=2", "data.batch_size=8"), callbacks=[recorder]).fit()

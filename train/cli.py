@@ -33,6 +33,9 @@ Train a CLIP model from a YAML config. Overrides use dotted keys, e.g.
 """
 
 
+#: the module every process of ``composer -n N`` runs: this one
+WORKER = "cadenza.train.cli"
+
 #: ``composer <name> ...`` runs ``main(argv)`` of the subcommand's module; each returns an exit status
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "convert": convert.main,
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        return launch(*split_launcher_args(argv))
+        return launch(*split_launcher_args(argv), worker=WORKER)
     return train_main(argv)
 
 

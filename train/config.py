@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cadenza import algorithms, datasets, models  # noqa: F401 - their modules fill the tables below
 from cadenza.datasets.transforms import image_transform
-from cadenza.engine import callbacks, loggers, remote_sync  # noqa: F401 - so do these
+from cadenza.engine import callbacks, logger_destinations, remote_sync  # noqa: F401 - so do these
 from cadenza.engine.errors import ConfigError, suggest
 from cadenza.engine.object_store import is_remote
 from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, LOSSES, MODELS

@@ -2,7 +2,7 @@
 
 Launcher flags before the config are torchrun's (``--nnodes``, ``--node-rank``, ``--master-addr``,
 ``--master-port``, ``--rdzv-*``, ``--max-restarts``, ...); ``-n N`` is ``--nproc-per-node N``. Every
-worker runs ``python -m cadenza.train.cli CONFIG [overrides]``. If a worker dies, the agent stops the
+worker runs ``python -m <worker module> CONFIG [overrides]`` (the CLI names itself). If a worker dies, the agent stops the
 others and the launch fails with that worker's traceback.
 """
 
@@ -55,14 +55,14 @@ def split_launcher_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return launcher, rest
 
 
-def launch(launcher: list[str], rest: list[str]) -> int:
-    """Run ``torch.distributed.run`` with ``launcher`` flags over ``cadenza.train.cli rest``."""
+def launch(launcher: list[str], rest: list[str], worker: str) -> int:
+    """Run ``torch.distributed.run`` with ``launcher`` flags over ``python -m worker rest``."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     if "--nnodes" not in launcher and "--rdzv-endpoint" not in launcher and "--master-port" not in launcher:
         launcher = ["--standalone", *[a for a in launcher if a != "--standalone"]]  # one node: a free port
-    args = get_args_parser().parse_args([*launcher, "-m", "cadenza.train.cli"])
+    args = get_args_parser().parse_args([*launcher, "-m", worker])
     # The worker's arguments are set apart from torchrun's parser: it would read e.g. OpenCLIP's --logs as an
     # abbreviation of its own --logs-specs and stop.
     args.training_script_args = list(rest)

@@ -27,12 +27,13 @@ from cadenza.engine.engine import Engine, check_algorithms
 from cadenza.engine.errors import ConfigError, TrainingError
 from cadenza.engine.event import Event
 from cadenza.engine.fsdp import gathered_for_evaluation, load_sharded, shard_model
-from cadenza.engine.logger import Logger, setup_logging
+from cadenza.engine.logger import Logger
 from cadenza.engine.object_store import is_remote
 from cadenza.engine.optim import build_optimizer, build_scheduler
 from cadenza.engine.precision import autocast_context, weights_dtype
 from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, LOSSES, MODELS
 from cadenza.engine.state import State
+from cadenza.engine.text_log import setup_logging
 from cadenza.engine.time import Time
 from cadenza.models.losses import LOSS_MODEL_INIT
 from cadenza.models.tokenizer import get_tokenizer
@@ -371,6 +372,7 @@ class Trainer:
     def _train_batch(self) -> None:
         state = self.state
         state.wrapped_model.train()
+        state.step_metrics = {}
         self.engine.run_event(Event.BATCH_START)
         cache = self._cache_features(state.batch) if state.accum_freq > 1 else None
         for index, micro_batch in enumerate(state.batch):

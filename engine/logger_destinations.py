@@ -1,4 +1,4 @@
-"""Metric destinations selectable under ``loggers:`` in YAML."""
+"""Where metrics go: the ``LoggerDestination`` base and the destinations YAML names under ``loggers:``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cadenza.engine.logger import LoggerDestination
+from cadenza.engine.algorithm import Callback
 from cadenza.engine.registry import LOGGERS
 
 if TYPE_CHECKING:
@@ -16,6 +16,16 @@ if TYPE_CHECKING:
     from cadenza.engine.state import State
 
 log = logging.getLogger("cadenza")
+
+
+class LoggerDestination(Callback):
+    """Receives metrics from the ``Logger``. Destinations are callbacks too, so they see ``fit_start``, ``close``, ..."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Record ``metrics`` at optimizer step ``step``."""
+
+    def log_hyperparameters(self, params: dict[str, Any]) -> None:
+        """Record the run's configuration once at the start."""
 
 
 @LOGGERS.register("console")
