@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("cadenza")
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,35 @@ def dist_info_from_env() -> DistInfo:
     if "WORLD_SIZE" in env:
         return DistInfo(int(env.get("RANK", 0)), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
     return DistInfo()
+
+
+def launched_by_an_agent(env: dict[str, str] | None = None) -> bool:
+    """Whether a launcher process watches this one: ``torch.distributed.run``'s agent or SLURM's step daemon."""
+    env = os.environ if env is None else env
+    return "TORCHELASTIC_RUN_ID" in env or "SLURM_PROCID" in env
+
+
+def stop_with_launcher(poll_seconds: float = 1.0) -> threading.Thread:
+    """End this process within ``poll_seconds`` of its launcher's death, logging why.
+
+    ``torch.distributed.run`` starts each rank in a session of its own, so when the launcher itself is SIGKILLed
+    (the OOM killer, ``kill -9`` of ``composer -n 2``) nothing signals the ranks: they would train on as orphans,
+    holding their GPUs. A daemon thread notices the parent process change (the orphan is handed to init or a
+    subreaper) and exits; a checkpoint being written is left as the previous one (writes are atomic).
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            stopped.wait(poll_seconds)
+        log.error("the launcher (process %d) is gone: this rank stops instead of training on as an orphan", parent)
+        logging.shutdown()
+        os._exit(1)
+
+    stopped = threading.Event()  # never set: the thread lives as long as the process
+    thread = threading.Thread(target=watch, name="cadenza-launcher-watchdog", daemon=True)
+    thread.start()
+    return thread
 
 
 def get_rank() -> int:

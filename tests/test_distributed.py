@@ -119,6 +119,57 @@ def test_killing_one_rank_ends_the_job(tmp_path):
     assert "training failed" in process.stdout.read()
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_ranks_stop_when_their_launcher_is_killed(tmp_path):
+    """SIGKILL of ``composer -n 2`` itself (no signal reaches the ranks, each in a session of its own)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cadenza.train.cli", "-n", "2", str(TINY), f"run.logs={tmp_path}"]
+        + ["run.duration=100000ba", "data.val=null", "run.log_interval=1ba"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    metrics = tmp_path / "tiny" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # both ranks are training
+        assert time.monotonic() < deadline and process.poll() is None, "training did not start"
+        time.sleep(0.2)
+    ranks = _children(process.pid)
+    assert len(ranks) == 2, ranks
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in ranks):
+        if time.monotonic() > deadline:
+            for pid in ranks:
+                os.kill(pid, signal.SIGKILL)
+            pytest.fail("the ranks kept running for 60 s after their launcher was killed")
+        time.sleep(0.2)
+    # the first rank to notice says why; the other may instead fail on the collective its peer left
+    logs = "".join(path.read_text() for path in (tmp_path / "tiny").glob("out*.log"))
+    assert f"the launcher (process {process.pid}) is gone" in logs
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 @pytest.mark.parametrize(("first", "second"), [(1, 2), (2, 1)])
 def test_resume_on_another_number_of_processes(tmp_path, first, second):
     """Same global batch (16): 1 x 16 or 2 x 8. Step count and learning rate continue where they were."""

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from cadenza.datasets import convert
+from cadenza.engine import dist
 from cadenza.engine.errors import CadenzaError, ConfigError
 from cadenza.models import export
 from cadenza.train import evaluate, openclip, report
@@ -62,6 +63,8 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
+    if dist.launched_by_an_agent():
+        dist.stop_with_launcher()
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
