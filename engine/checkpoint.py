@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
 
 from cadenza.engine.algorithm import Callback
 from cadenza.engine.errors import CheckpointError
@@ -160,6 +161,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is reported the same way
         raise CheckpointError(f"checkpoint '{path}' cannot be read ({error}); it is corrupt or incomplete") from error
+
+
+def stored_config(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The resolved config a checkpoint was saved with, as plain data.
+
+    Stored configs are data: read with ``yaml.safe_load`` (a ``!!python/...`` tag is refused, never constructed)
+    and never resolved, so a ``${oc.env:...}`` someone wrote into a checkpoint stays that text instead of
+    pulling a secret out of this process's environment.
+    """
+    try:
+        config = yaml.safe_load(checkpoint.get("config") or "")
+    except yaml.YAMLError as error:
+        problem = str(error).splitlines()[0]
+        raise CheckpointError(f"checkpoint '{path}' stores a config that is not plain YAML data ({problem})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint '{path}' stores no config mapping; it was not written by Cadenza")
+    return config
 
 
 def numbered_checkpoints(folder: Path) -> list[Path]:

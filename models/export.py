@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
-from cadenza.engine.checkpoint import load_checkpoint
+from cadenza.engine.checkpoint import load_checkpoint, stored_config
 from cadenza.engine.errors import CadenzaError, ConfigError
 from cadenza.models.convert import (
     OPENCLIP_NAMES,
@@ -98,10 +97,8 @@ def read_checkpoint(path: str | Path) -> tuple[str, dict[str, Any], str | None, 
             f"{checkpoint['sharded']}/. Export reads full checkpoints: resume it with run.duration set to its step "
             "and dist.fsdp_state_dict=full (the default); that run saves it again, full, and exports."
         )
-    config = OmegaConf.create(checkpoint["config"])
-    name = OmegaConf.select(config, "model.name")
-    overrides = OmegaConf.to_container(OmegaConf.select(config, "model.overrides") or OmegaConf.create({}))
-    pretrained = OmegaConf.select(config, "model.pretrained")
+    model = stored_config(checkpoint, path).get("model") or {}
+    name, overrides, pretrained = model.get("name"), model.get("overrides") or {}, model.get("pretrained")
     state_dict = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
     return name, overrides, pretrained, state_dict
 

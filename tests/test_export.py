@@ -146,3 +146,26 @@ def test_export_of_coca_vit_b_32_loads_by_name(tmp_path):
     loaded = open_clip.create_model("coca_ViT-B-32", pretrained=str(out))
     out.unlink()
     assert_same_coca_outputs(model, loaded)
+
+
+def test_export_reads_the_stored_config_as_data(trained, tmp_path, capsys, monkeypatch):
+    """A stored config is never resolved (no secret from the environment) and never constructs Python objects."""
+    from cadenza.engine.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-never-printed")
+    checkpoint = load_checkpoint(trained[1])
+    assert "name: tiny-vit" in checkpoint["config"]
+    checkpoint["config"] = checkpoint["config"].replace("name: tiny-vit", "name: ${oc.env:AWS_SECRET_ACCESS_KEY}", 1)
+    torch.save(checkpoint, tmp_path / "interpolating.pt")
+    assert composer(["export", str(tmp_path / "interpolating.pt"), "--format", "openclip", str(tmp_path / "o")]) == 2
+    captured = capsys.readouterr()
+    assert "s3cr3t" not in captured.out + captured.err and "oc.env:AWS_SECRET_ACCESS_KEY" in captured.err
+
+    marker = tmp_path / "constructed"
+    checkpoint["config"] = (
+        f"model: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path ['{marker}']]"
+    )
+    torch.save(checkpoint, tmp_path / "tagged.pt")
+    assert composer(["export", str(tmp_path / "tagged.pt"), "--format", "openclip", str(tmp_path / "o")]) == 1
+    assert "not plain YAML data" in capsys.readouterr().err
+    assert not marker.exists()
