@@ -289,10 +289,19 @@ class CheckpointSaver(Callback):
         self._every_batches = 0
         self._last_saved_batch = -1
         self._last_save_time = time.monotonic()
-        for stale in self.folder.glob(".*.tmp") if self.folder.is_dir() else []:
-            stale.unlink(
-                missing_ok=True
-            )  # left by a process killed mid-save (uploads' .upload links stay: see _upload)
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """What a process killed mid-save or mid-retention left: temporary files and checksums whose checkpoint is
+        gone. (Uploads' ``.upload`` links stay: see ``_upload``.)"""
+        if not self.folder.is_dir():
+            return
+        for stale in self.folder.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        for sidecar in self.folder.glob("ep*-ba*.pt.sha256"):
+            if not sidecar.with_suffix("").exists():
+                sidecar.unlink(missing_ok=True)
+                log.info("removed %s, whose checkpoint was deleted", sidecar)
 
     def fit_start(self, state: State, logger: Logger) -> None:
         self._last_save_time = time.monotonic()
@@ -343,8 +352,10 @@ class CheckpointSaver(Callback):
         if self.keep == -1:
             return
         for old in numbered_checkpoints(self.folder)[: -self.keep]:
-            old.unlink(missing_ok=True)
+            # the checksum first: killed between the two, the checkpoint is merely incomplete (never resumed from,
+            # deleted by the next retention) instead of leaving a checksum nothing will ever remove
             sidecar_of(old).unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
             shutil.rmtree(sharded_folder(old), ignore_errors=True)
             log.info("deleted old checkpoint %s (checkpoint.keep=%d)", old, self.keep)
 

@@ -158,3 +158,32 @@ def test_a_checkpoint_of_the_previous_layout_resumes(tiny, tmp_path):
     assert state.timestamp.batch == 8
     for name, value in straight.model.state_dict().items():
         torch.testing.assert_close(state.model.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_retention_interrupted_between_its_two_deletions_leaves_nothing_behind(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        ckpt.save_atomic({"step": step}, folder / f"ep0-ba{step}.pt")
+    saver = ckpt.CheckpointSaver(folder, "1ba", keep=2, save_latest=False, run_name="r", config_yaml="")
+    unlink = Path.unlink
+
+    def killed_after_the_first(self, missing_ok=False):
+        unlink(self, missing_ok=missing_ok)
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(Path, "unlink", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        saver._apply_retention()
+    monkeypatch.undo()
+    assert not (folder / "ep0-ba1.pt.sha256").exists()  # the checksum went first: ep0-ba1 is merely incomplete
+    assert ckpt.find_latest(folder) == folder / "ep0-ba3.pt"
+    # an orphaned checksum (from code that deleted in the other order) is removed when the next run starts
+    (folder / "ep0-ba1.pt").unlink()
+    (folder / "ep0-ba0.pt.sha256").write_text("{}")
+    ckpt.CheckpointSaver(folder, "1ba", keep=2, save_latest=False, run_name="r", config_yaml="")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "ep0-ba2.pt",
+        "ep0-ba2.pt.sha256",
+        "ep0-ba3.pt",
+        "ep0-ba3.pt.sha256",
+    ]
