@@ -272,7 +272,8 @@ def _check_values(cfg: DictConfig) -> None:
     if log_interval.value <= 0:
         raise ConfigError("run.log_interval", "must be greater than zero, e.g. '10ba'.")
     Time.parse(cfg.optim.warmup, "optim.warmup")
-    Time.parse(cfg.checkpoint.save_interval, "checkpoint.save_interval", allow_wall_clock=True)
+    if Time.parse(cfg.checkpoint.save_interval, "checkpoint.save_interval", allow_wall_clock=True).value <= 0:
+        raise ConfigError("checkpoint.save_interval", "must be greater than zero, e.g. '1ep', '2000ba' or '30m'.")
     Time.parse(cfg.eval.interval, "eval.interval")
     if cfg.optim.scheduler == "const-cooldown":
         if cfg.optim.cooldown is None:
@@ -293,6 +294,12 @@ def _check_values(cfg: DictConfig) -> None:
         raise ConfigError("data.workers", "must be 0 (load in the main process) or more.")
     if cfg.checkpoint.keep == 0 or cfg.checkpoint.keep < -1:
         raise ConfigError("checkpoint.keep", "keep at least 1 checkpoint, or -1 to keep all.")
+    _check_run_name(cfg.run.name)
+    resume = cfg.checkpoint.resume
+    if resume not in (None, "latest") and not is_remote(resume) and not Path(resume).exists():
+        hint = suggest(resume, ["latest"])
+        if hint.startswith(" Did you mean"):  # a typo of 'latest', not a path that is missing
+            raise ConfigError("checkpoint.resume", f"'{resume}' is not a checkpoint file.{hint}")
     if cfg.checkpoint.resume == "latest" and cfg.run.name is None:
         raise ConfigError(
             "checkpoint.resume", "'latest' needs a fixed run.name, so that a restarted job finds its own run folder."
@@ -330,6 +337,16 @@ def _check_values(cfg: DictConfig) -> None:
             registry.check_args(name, OmegaConf.to_container(args), f"{section}.{name}", runtime=runtime)
     for name, args in cfg.algorithms.items():
         ALGORITHMS.build(name, OmegaConf.to_container(args), f"algorithms.{name}")  # __init__ only checks its arguments
+
+
+def _check_run_name(name: str | None) -> None:
+    """A run lives in ``<run.logs>/<run.name>``: the name is one folder, so no run writes outside ``run.logs``."""
+    if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
+        raise ConfigError(
+            "run.name",
+            f"'{name}' is not one folder name: runs live in run.logs/<run.name>, so the name may not contain '/' "
+            "or be '.' or '..'. Choose e.g. run.name=my-run, and put the parent folder in run.logs.",
+        )
 
 
 def _check_dist(cfg: DictConfig) -> None:
@@ -397,6 +414,6 @@ def loss_arguments(loss: DictConfig) -> dict[str, Any]:
 
 
 #: arguments a dataset builder gets from the trainer, never from YAML
-DATASET_RUNTIME_ARGS = ("image_size", "context_length", "vocab_size", "seed", "context")
+DATASET_RUNTIME_ARGS = ("context",)  # a LoaderContext: batch size, processes, seed, the model's input sizes, ...
 #: arguments a logger or callback gets from the trainer
 LOGGER_RUNTIME_ARGS = CALLBACK_RUNTIME_ARGS = ("run_dir",)
