@@ -230,5 +230,11 @@ class WandBLogger(LoggerDestination):
 
     def close(self, state: State, logger: Logger) -> None:
         if self._run is not None:
+            import wandb
+
             self._run.finish()
             self._run = None
+            # finish() only informs W&B's service process, which closes (and flushes) the run's files later; a
+            # reader right after close, or a job ending at once, could miss the last records. teardown() waits
+            # for the service to finish and exit (a later run in this process starts a new one).
+            wandb.teardown()

@@ -47,6 +47,40 @@ def _wandb_records(path):
             yield pending + chunk
 
 
+def _open_handles(folder) -> list[str]:
+    """Files under ``folder`` that some process still has open (from /proc/<pid>/fd)."""
+    import os
+    from pathlib import Path
+
+    folder = str(folder.resolve())
+    found = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:  # the process or descriptor went away while we looked
+            continue
+        if target.startswith(folder) and target.endswith(".wandb"):
+            found.append(target)
+    return found
+
+
+def _wandb_services() -> list[int]:
+    """This process's W&B service processes (wandb-core), which write the run files."""
+    import os
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, parent, ...
+            command = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == os.getpid() and b"wandb-core" in command and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
 def _wandb_history(run_dir):
     from wandb.proto import wandb_internal_pb2
 
@@ -71,9 +105,11 @@ def test_wandb_offline_run_holds_the_metrics_and_a_resume_continues_it(tiny, mon
     common = ("run.log_interval=2ba", "data.val=null", "loggers.wandb={project: cadenza-tests, tags: [tiny]}")
     first = Trainer(tiny(*common, "run.duration=4ba"))
     first.fit()
+    assert not _open_handles(first.run_dir / "wandb") and not _wandb_services(), "close() returned before W&B was done"
     run_id = next(c for c in first.state.callbacks if type(c).__name__ == "WandBLogger").run_id
     resumed = Trainer(tiny(*common, "run.duration=8ba", "checkpoint.resume=latest"))
     resumed.fit()
+    assert not _open_handles(first.run_dir / "wandb") and not _wandb_services(), "close() returned before W&B was done"
     assert next(c for c in resumed.state.callbacks if type(c).__name__ == "WandBLogger").run_id == run_id
     history, run_ids = _wandb_history(first.run_dir)
     assert run_ids == {run_id}
