@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, write_results  # noqa: E402
 from cadenza.datasets.context import LoaderContext  # noqa: E402
-from cadenza.datasets.loader import ResumableLoader  # noqa: E402
 from cadenza.datasets.transforms import image_transform  # noqa: E402
 from cadenza.engine.registry import DATASETS  # noqa: E402
 from cadenza.models.tokenizer import get_tokenizer  # noqa: E402
@@ -92,10 +91,7 @@ def write_formats(root: Path, count: int, size: tuple[int, int], seed: int = 0) 
 
 def build_loader(kind: str, args: dict, context: LoaderContext):
     """What the trainer builds for ``data.train: {type: kind, **args}``."""
-    dataset = DATASETS.build(kind, args, f"data.train ({kind})", context=context)
-    if hasattr(dataset, "state_dict") and hasattr(dataset, "batches_per_epoch"):
-        return dataset
-    return ResumableLoader(dataset, context)
+    return DATASETS.build(kind, args, f"data.train ({kind})", context=context)
 
 
 def context_for(image_size: int, batch_size: int, workers: int, cache_dir: str | None = None) -> LoaderContext:

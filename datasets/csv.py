@@ -6,8 +6,9 @@ header names the columns (``csv_img_key: filepath``, ``csv_caption_key: title``)
 CSV's folder. The rows are indexed once, in the main process, into two flat buffers (cheap to share with
 forked workers); images are read and decoded in the DataLoader workers.
 
-Loading goes through ``ResumableLoader``: a seeded per-epoch order split across processes, exact resume. Each
-sample's augmentation is seeded from ``(run.seed, epoch, row)``, so it does not depend on the worker count.
+Loading goes through ``ResumableLoader`` (``csv`` is registered as ``resumable(CsvDataset)``): a seeded per-epoch
+order split across processes, exact resume. Each sample's augmentation is seeded from ``(run.seed, epoch, row)``,
+so it does not depend on the worker count.
 
 A row that cannot be used — malformed (a parse error, missing or extra fields, an empty path), a missing or
 corrupt image, an empty caption — is replaced by the first of a fixed pseudo-random list of other rows that
@@ -25,6 +26,7 @@ import sys
 from torch.utils.data import Dataset
 
 from cadenza.datasets.context import LoaderContext
+from cadenza.datasets.loader import resumable
 from cadenza.datasets.samples import (
     Sample,
     SampleCollator,
@@ -42,7 +44,6 @@ from cadenza.engine.registry import DATASETS
 log = logging.getLogger("cadenza")
 
 
-@DATASETS.register("csv")
 class CsvDataset(Dataset):
     """Image–caption pairs listed in a CSV file (OpenCLIP's ``--dataset-type csv``).
 
@@ -122,6 +123,9 @@ class CsvDataset(Dataset):
             raise SampleError(self.malformed[row])
         caption = clean_caption(self.captions[row])
         return read_image_file(self.images[row]), caption
+
+
+DATASETS.register("csv")(resumable(CsvDataset))
 
 
 def _read_rows(

@@ -10,11 +10,15 @@ A dataset that sets ``epoch_keys = True`` is indexed with ``(epoch, index)`` pai
 sample's augmentation from ``(seed, epoch, index)`` (see ``samples.py``). A dataset whose ``collate_fn``
 returns ``SampleBatch`` reports skipped samples through it; the loader strips them, yields ``(images,
 tokens)`` and counts them in ``skipped``.
+
+``ResumableLoader`` is a ``cadenza.engine.loader.Loader``; a map-style format registers ``resumable(its class)``,
+so that ``DATASETS.build`` returns the loader, as it does for the formats with loaders of their own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -23,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cadenza.datasets.context import LoaderContext
 from cadenza.datasets.samples import SampleBatch, SkipCounter
 from cadenza.engine.dist import DistInfo
+from cadenza.engine.errors import ConfigError
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
@@ -82,7 +87,7 @@ class ResumableSampler(Sampler[int]):
 
 
 class ResumableLoader:
-    """Batches of ``(images, tokens)`` from a map-style dataset, with ``state_dict`` for exact resume.
+    """Batches of ``(images, tokens)`` from a map-style dataset, with ``state_dict`` for exact resume (a ``Loader``).
 
     Training (``context.train``) shuffles with a per-epoch seed and drops the last partial global
     batch; evaluation visits every sample once, in order.
@@ -166,3 +171,27 @@ class ResumableLoader:
                 f"not a multiple of the global batch ({self.sampler.global_batch}); resume with the same "
                 "data.batch_size x processes, or one that divides it"
             )
+
+
+def resumable(dataset_class: Callable[..., Dataset]) -> Callable[..., ResumableLoader]:
+    """The ``DATASETS`` builder of a map-style dataset: ``dataset_class(**args, context=context)`` in a
+    ``ResumableLoader``.
+
+    The builder's signature is the class's (its YAML arguments and ``context``), so the registry checks YAML
+    against it. A dataset smaller than one global batch is a ``ConfigError`` of ``data.batch_size``.
+
+    Args:
+        dataset_class: a map-style dataset whose arguments include ``context: LoaderContext``.
+    """
+
+    def build(**args: Any) -> ResumableLoader:
+        dataset = dataset_class(**args)
+        try:
+            return ResumableLoader(dataset, args["context"])
+        except ValueError as error:
+            raise ConfigError("data.batch_size", str(error)) from error
+
+    build.__signature__ = inspect.signature(dataset_class).replace(return_annotation="ResumableLoader")
+    build.__name__ = build.__qualname__ = f"resumable({dataset_class.__name__})"
+    build.__doc__ = dataset_class.__doc__
+    return build

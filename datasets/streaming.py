@@ -75,7 +75,7 @@ def export_world_env(info: DistInfo) -> None:
 # -- the loader ------------------------------------------------------------------------------------------
 @DATASETS.register("streaming")
 class StreamingLoader:
-    """Batches of ``(images, tokens)`` from MDS shards, with ``state_dict`` for exact, elastic resume.
+    """Batches of ``(images, tokens)`` from MDS shards, with ``state_dict`` for exact, elastic resume (a ``Loader``).
 
     Training shuffles (seeded) and drops the last partial global batch; evaluation reads every sample in
     order (with several processes, streaming pads each process's share with repeated samples).

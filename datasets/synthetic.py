@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from cadenza.datasets.context import LoaderContext
+from cadenza.datasets.loader import resumable
 from cadenza.engine.registry import DATASETS
 
 
-@DATASETS.register("synthetic")
 class SyntheticDataset(Dataset):
     """``num_samples`` pairs of a standard-normal image and a random caption of token ids.
 
@@ -17,32 +18,24 @@ class SyntheticDataset(Dataset):
 
     Args:
         num_samples: the epoch's size.
+        context: set by the trainer: the model's ``image_size``, ``context_length`` and ``vocab_size``, and
+            ``seed`` (``run.seed``).
         max_caption_length: the most random ids in a caption (default: as many as the context holds). Real
             captions are short: this sets what ``model.trim_text_padding`` can save in a speed run.
-        image_size, context_length, vocab_size: from the model (set by the trainer).
-        seed: set by the trainer from ``run.seed``.
     """
 
-    def __init__(
-        self,
-        num_samples: int,
-        image_size: int,
-        context_length: int,
-        vocab_size: int,
-        seed: int = 0,
-        max_caption_length: int | None = None,
-    ) -> None:
+    def __init__(self, num_samples: int, context: LoaderContext, max_caption_length: int | None = None) -> None:
         if num_samples < 1:
             raise ValueError("num_samples must be at least 1")
-        longest = context_length - 2  # SOT and EOT around the ids
+        longest = context.context_length - 2  # SOT and EOT around the ids
         if max_caption_length is not None and not 1 <= max_caption_length <= longest:
             raise ValueError(f"max_caption_length must be from 1 to {longest} (the context holds SOT and EOT too)")
         self.max_caption_length = longest if max_caption_length is None else max_caption_length
         self.num_samples = num_samples
-        self.image_size = image_size
-        self.context_length = context_length
-        self.vocab_size = vocab_size
-        self.seed = seed
+        self.image_size = context.image_size
+        self.context_length = context.context_length
+        self.vocab_size = context.vocab_size
+        self.seed = context.seed
 
     def __len__(self) -> int:
         return self.num_samples
@@ -59,3 +52,6 @@ class SyntheticDataset(Dataset):
         tokens[1 : length + 1] = torch.randint(1, sot, (length,), generator=generator)
         tokens[length + 1] = eot
         return image, tokens
+
+
+DATASETS.register("synthetic")(resumable(SyntheticDataset))

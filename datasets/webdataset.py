@@ -464,8 +464,8 @@ class _Position:
 class WebDataset:
     """Batches of ``(images, tokens)`` from WebDataset tar shards, with exact ``state_dict`` resume.
 
-    Implements the trainer's loader protocol (``batches_per_epoch``, ``set_epoch``, ``__iter__``,
-    ``state_dict``, ``load_state_dict``) and counts skipped samples in ``skipped``.
+    A ``cadenza.engine.loader.Loader`` (``batches_per_epoch``, ``skipped``, ``set_epoch``, ``__iter__``,
+    ``state_dict``, ``load_state_dict``).
 
     Args:
         path: OpenCLIP's ``--train-data`` string: shard paths or ``s3://`` URLs with brace expansion, sources
@@ -557,7 +557,7 @@ class WebDataset:
             ", resampled" if resampled else "",
         )
 
-    # -- the loader protocol ------------------------------------------------------------------------------
+    # -- the loader contract (cadenza.engine.loader.Loader) -----------------------------------------------
     @property
     def batches_per_epoch(self) -> int:
         """Batches per process and epoch: ``num_samples // global batch`` when training (every process yields

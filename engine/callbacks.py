@@ -78,11 +78,10 @@ class TrainMetrics(Callback):
         self._reset()
 
     def skipped(self, state: State) -> int | None:
-        """Samples skipped by every process since the job started (``None``: the loader does not count)."""
-        loader = state.train_loader
-        if not hasattr(loader, "skipped"):
+        """Samples skipped by every process since the job started (``None``: no training data)."""
+        if state.train_loader is None:
             return None
-        return self._skipped_before + dist.all_reduce_sum(loader.skipped, state.device)
+        return self._skipped_before + dist.all_reduce_sum(state.train_loader.skipped, state.device)
 
     def state_dict(self) -> dict[str, int]:
         # Called on every process at the same step (checkpoint saving), so the sum over processes is safe here.

@@ -18,6 +18,7 @@ from cadenza.engine.fsdp import (
     model_state_dict,
     optimizer_state_dict,
 )
+from cadenza.engine.loader import Loader
 from cadenza.engine.time import Timestamp
 
 
@@ -35,6 +36,7 @@ class State:
         step_metrics: scalars an algorithm measured in this optimizer step (device tensors, never synchronized),
             averaged over the logging window and logged as ``train/<name>`` (``grad_norm``); emptied every step.
         max_batches: the run's length in optimizer steps; ``batches_per_epoch`` likewise.
+        train_loader, eval_loader: ``data.train`` and ``data.val`` (see ``Loader``), ``None`` when unset.
         stop_training: set by a hook to end ``fit`` after the current step.
     """
 
@@ -53,8 +55,8 @@ class State:
     batches_per_epoch: int = 0
     samples_per_batch: int = 0
     accum_freq: int = 1
-    train_loader: Any = None
-    eval_loader: Any = None
+    train_loader: Loader | None = None
+    eval_loader: Loader | None = None
     algorithms: list = field(default_factory=list)
     callbacks: list = field(default_factory=list)
     batch: list = field(default_factory=list)

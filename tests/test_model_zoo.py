@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cadenza.datasets.context import LoaderContext
 from cadenza.engine.errors import ConfigError
 from cadenza.engine.registry import DATASETS, MODELS
 from cadenza.models import create_model, get_model_config, list_models
@@ -84,8 +85,9 @@ def test_openclip_architecture_forward_backward(name, tiny):
     cfg = tiny(f"model.name={name}", f"loss.name={loss}", "data.batch_size=2")
     torch.manual_seed(0)
     model = MODELS.build(cfg.model.name, {"pretrained": None, "overrides": {}}, "model")
-    data = DATASETS.build("synthetic", {"num_samples": 2}, "data.train", **_sizes(model))
-    images, tokens = (torch.stack(column) for column in zip(*(data[i] for i in range(2)), strict=True))
+    context = LoaderContext(train=False, batch_size=2, **_sizes(model))
+    data = DATASETS.build("synthetic", {"num_samples": 2}, "data.train", context=context)
+    images, tokens = next(iter(data))
     losses = build_loss(loss)(**model(images, tokens))
     sum(losses.values()).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]

@@ -37,8 +37,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cadenza.engine import openclip
 from cadenza.engine.errors import ConfigError
+from cadenza.train import openclip
 
 from .conftest import ROOT
 from .data_helpers import image_bytes, metric_rows, write_csv, write_shards

@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cadenza.datasets.context import LoaderContext
-from cadenza.datasets.loader import ResumableLoader
 from cadenza.datasets.transforms import image_transform
 from cadenza.engine import dist
 from cadenza.engine.callbacks import RetrievalEvaluator, TrainMetrics
@@ -27,6 +26,7 @@ from cadenza.engine.engine import Engine, check_algorithms
 from cadenza.engine.errors import ConfigError, TrainingError
 from cadenza.engine.event import Event
 from cadenza.engine.fsdp import gathered_for_evaluation, load_sharded, shard_model
+from cadenza.engine.loader import Loader
 from cadenza.engine.logger import Logger
 from cadenza.engine.object_store import is_remote
 from cadenza.engine.optim import build_optimizer, build_scheduler
@@ -138,7 +138,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
 
-    def _build_loader(self, section: DictConfig | None, key: str, model: nn.Module, info: dist.DistInfo, train: bool):
+    def _build_loader(
+        self, section: DictConfig | None, key: str, model: nn.Module, info: dist.DistInfo, train: bool
+    ) -> Loader | None:
+        """``section``'s loader, from its YAML arguments and ``context`` (the runtime facts: input sizes, seed, ...)."""
         if section is None:
             return None
         data = self.cfg.data
@@ -160,22 +163,8 @@ class Trainer:
             prefetch_factor=data.prefetch_factor,
             cache_dir=str(self.run_dir / "data-cache"),
         )
-        runtime = {
-            "image_size": model.image_size,
-            "context_length": model.context_length,
-            "vocab_size": model.vocab_size,
-            "seed": self.cfg.run.seed,
-            "context": context,
-        }
-        accepted = inspect.signature(DATASETS.get(section.type, f"{key}.type")).parameters
         args = {k: v for k, v in OmegaConf.to_container(section).items() if k != "type"}
-        dataset = DATASETS.build(section.type, args, key, **{k: v for k, v in runtime.items() if k in accepted})
-        if hasattr(dataset, "state_dict") and hasattr(dataset, "batches_per_epoch"):
-            return dataset  # a format with its own resumable loader
-        try:
-            return ResumableLoader(dataset, context)
-        except ValueError as error:
-            raise ConfigError("data.batch_size", str(error)) from error
+        return DATASETS.build(section.type, args, key, context=context)
 
     def _set_durations(self, state: State) -> None:
         cfg = self.cfg
