@@ -39,11 +39,11 @@ from pathlib import Path
 from PIL import Image
 
 from cadenza.datasets.samples import SampleError, SkipCounter, Skipped, clean_caption, decode_image
-from cadenza.datasets.storage import s3_client
 from cadenza.datasets.streaming_import import load_streaming
 from cadenza.datasets.webdataset import CAPTION_EXTENSION, expand_sources, iter_tar
 from cadenza.datasets.webdataset import IMAGE_EXTENSIONS as TAR_IMAGE_EXTENSIONS
 from cadenza.engine.errors import CadenzaError, DataError
+from cadenza.engine.object_store import check_storage, get_object_store, is_remote
 
 log = logging.getLogger("cadenza")
 
@@ -228,7 +228,7 @@ def convert(
         _remove_index(out)
         raise DataError(f"{out}: index.json lists {written} samples but {report.samples} were written")
     marker = {"samples": report.samples, "skipped": report.skipped, "source": source, "columns": columns}
-    _write_text(out, MARKER, json.dumps(marker, indent=2))
+    get_object_store(out).write_bytes(MARKER, json.dumps(marker, indent=2).encode())
     return report
 
 
@@ -249,46 +249,26 @@ def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
 
 
 def _check_output(out: str, overwrite: bool) -> None:
-    if out.startswith("s3://"):
+    check_storage(out, "--to")
+    if is_remote(out):
         return  # MDSWriter stages in a fresh temporary folder; existing objects are replaced
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise DataError(f"{out} is not empty; choose another --to or pass --overwrite (which deletes its contents)")
 
 
-# -- local folders and s3:// ----------------------------------------------------------------------------
-def _s3_key(uri: str, name: str) -> tuple[str, str]:
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
-    return bucket, f"{prefix.strip('/')}/{name}".lstrip("/")
-
-
-def _read_text(out: str, name: str) -> str:
-    if out.startswith("s3://"):
-        bucket, key = _s3_key(out, name)
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
-    return Path(out, name).read_text()
-
-
-def _write_text(out: str, name: str, text: str) -> None:
-    if out.startswith("s3://"):
-        bucket, key = _s3_key(out, name)
-        s3_client().put_object(Bucket=bucket, Key=key, Body=text.encode())
-    else:
-        Path(out, name).write_text(text)
-
-
+# -- local folders and s3:// (through the one object-store module) -----------------------------------------
 def _remove_index(out: str) -> None:
     try:
-        if out.startswith("s3://"):
-            bucket, key = _s3_key(out, "index.json")
-            s3_client().delete_object(Bucket=bucket, Key=key)
-        else:
-            Path(out, "index.json").unlink(missing_ok=True)
+        get_object_store(out).delete("index.json")
     except Exception as error:  # noqa: BLE001 - best effort while another error propagates
         log.warning("could not remove %s/index.json of the failed conversion: %s", out, error)
 
 
 def _count_written(out: str) -> int:
-    index = json.loads(_read_text(out, "index.json"))
+    raw = get_object_store(out).read_bytes("index.json")
+    if raw is None:
+        raise DataError(f"the MDS writer left no index.json in {out}")
+    index = json.loads(raw)
     return sum(shard["samples"] for shard in index["shards"])
 
 

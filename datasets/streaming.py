@@ -41,17 +41,13 @@ import torch
 from cadenza.datasets.context import LoaderContext
 from cadenza.datasets.samples import SampleCollator, SkipCounter
 from cadenza.engine.dist import DistInfo
+from cadenza.engine.object_store import is_url
 from cadenza.engine.registry import DATASETS
 
 log = logging.getLogger("cadenza")
 
 #: ``streams:`` entries: where a stream is, and how much of it an epoch takes (one of the last three)
 STREAM_KEYS = ("remote", "local", "split", "proportion", "repeat", "choose")
-
-
-def is_remote_path(path: str) -> bool:
-    """``s3://...`` and other URLs are remote; anything else is a local folder."""
-    return "://" in path
 
 
 def export_world_env(info: DistInfo) -> None:
@@ -222,7 +218,7 @@ class StreamingLoader:
                 raise ValueError(f"streams[{index}] needs a remote (s3://bucket/prefix or a folder)")
             source = {"split": split, **stream}
             if source.get("local") is None:
-                if is_remote_path(source["remote"]):
+                if is_url(source["remote"]):  # s3:// and the other schemes streaming reads
                     source["local"] = cache if len(streams) == 1 else os.path.join(cache, str(index))
                 else:  # a local folder is read in place
                     source["remote"], source["local"] = None, source["remote"]

@@ -62,9 +62,9 @@ from cadenza.datasets.samples import (
     sample_seed,
     transform_sample,
 )
-from cadenza.datasets.storage import open_url, read_url, url_basename, url_dirname
 from cadenza.engine import dist
 from cadenza.engine.errors import DataError
+from cadenza.engine.object_store import ObjectStoreError, open_url, read_url, url_basename, url_dirname
 from cadenza.engine.registry import DATASETS
 
 log = logging.getLogger("cadenza")
@@ -207,7 +207,7 @@ def iter_tar(url: str, start: int = 0, end: int | None = None) -> Iterator[tuple
     """
     try:
         stream = open_url(url, start, end)
-    except OSError as error:
+    except (OSError, ObjectStoreError) as error:
         yield Skipped(f"cannot read shard {url} ({error})"), SHARD_DONE
         return
     current: TarSample | None = None

@@ -399,8 +399,13 @@ class CheckpointSaver(Callback):
     def close(self, state: State, logger: Logger) -> None:
         if self._uploads is None:
             return
-        left = self._uploads.close(self.upload_timeout)
-        self._uploads = None
+        uploads, self._uploads = self._uploads, None
+        left = uploads.close(self.upload_timeout)
+        if uploads.failure is not None:
+            raise CheckpointError(
+                f"{len(left)} checkpoint uploads to {self.remote.uri} were not done: {uploads.failure}; the local "
+                f"copies are kept in {self.folder}"
+            )
         if left:
             raise CheckpointError(
                 f"{len(left)} checkpoint uploads to {self.remote.uri} could not be completed within "

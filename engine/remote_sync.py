@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cadenza.engine.algorithm import Callback
-from cadenza.engine.object_store import get_object_store
+from cadenza.engine.errors import ConfigError
+from cadenza.engine.object_store import ObjectStoreError, get_object_store
 from cadenza.engine.registry import CALLBACKS
 
 if TYPE_CHECKING:
@@ -62,12 +63,18 @@ class RemoteSync(Callback):
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._store = None
+        self._store = get_object_store(remote)  # another scheme than s3:// is a ValueError, named by the registry
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if not state.dist.is_main or self._thread is not None:
             return
-        self._store = get_object_store(self.remote)
+        try:  # a missing bucket or refused credentials stop the run now, not after hours of failed syncs
+            self._store.probe()
+        except ObjectStoreError as error:
+            raise ConfigError(
+                "callbacks.remote_sync.remote",
+                f"cannot write to {self.remote} ({error}). Check the bucket, the credentials and S3_ENDPOINT_URL.",
+            ) from None
         self._thread = threading.Thread(target=self._loop, name="cadenza-remote-sync", daemon=True)
         self._thread.start()
 

@@ -30,6 +30,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from cadenza.engine.errors import ConfigError, suggest
+from cadenza.engine.object_store import ObjectStoreError, S3Store, check_storage, is_remote, split_s3_uri
 from cadenza.models.convert import StateDict, is_openclip_state_dict, openclip_to_cadenza
 from cadenza.models.text import QuickGELU
 
@@ -83,7 +84,8 @@ def load_resolved(
 
 def resolve_pretrained(source: str, name: str | None) -> tuple[Path, dict[str, Any] | None]:
     """A local file for ``source``, and the tag's entry when ``source`` is an OpenCLIP tag."""
-    if source.startswith("s3://"):
+    check_storage(source, KEY)
+    if is_remote(source):
         return download_s3(source), None
     path = Path(source).expanduser()
     if path.is_file():
@@ -235,8 +237,6 @@ def cache_root() -> Path:
 
 def download_s3(uri: str) -> Path:
     """Download ``s3://bucket/key`` into the cache (once: a cached file of the same size is reused)."""
-    from cadenza.engine.object_store import ObjectStoreError, S3Store, split_s3_uri
-
     try:
         bucket, key = split_s3_uri(uri)
     except ValueError as error:

@@ -57,7 +57,7 @@ def test_unreachable_store_retries_then_fails(monkeypatch, tmp_path):
     monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    store = S3Store("s3://nowhere/x", attempts=3, backoff=0.01)
+    store = S3Store("s3://nowhere/x")
     started = time.monotonic()
     with pytest.raises(ObjectStoreError, match="listing of s3://nowhere/x.*failed"):
         store.list()

@@ -212,7 +212,7 @@ def test_validation_reads_every_sample_once(tiny, tmp_path):
 
 def test_s3_shards_train_and_resume(tiny, tmp_path, s3_bucket):
     """Shards on a real S3 server (moto); the resumed run re-reads its shuffle buffer with range requests."""
-    from cadenza.datasets.storage import s3_client
+    from cadenza.engine.object_store import s3_client
 
     write_shards(tmp_path / "shards", shards=2, per_shard=10)
     for file in (tmp_path / "shards").iterdir():

@@ -20,7 +20,7 @@ from cadenza import algorithms, datasets, models  # noqa: F401 - their modules f
 from cadenza.datasets.transforms import image_transform
 from cadenza.engine import callbacks, logger_destinations, remote_sync  # noqa: F401 - so do these
 from cadenza.engine.errors import ConfigError, suggest
-from cadenza.engine.object_store import is_remote
+from cadenza.engine.object_store import check_storage, is_remote
 from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, LOSSES, MODELS
 from cadenza.engine.time import Time, TimeUnit
 from cadenza.models.factory import get_model_config, list_models
@@ -295,6 +295,8 @@ def _check_values(cfg: DictConfig) -> None:
     if cfg.checkpoint.keep == 0 or cfg.checkpoint.keep < -1:
         raise ConfigError("checkpoint.keep", "keep at least 1 checkpoint, or -1 to keep all.")
     _check_run_name(cfg.run.name)
+    check_storage(cfg.checkpoint.save_folder, "checkpoint.save_folder")
+    check_storage(cfg.checkpoint.resume, "checkpoint.resume")
     resume = cfg.checkpoint.resume
     if resume not in (None, "latest") and not is_remote(resume) and not Path(resume).exists():
         hint = suggest(resume, ["latest"])

@@ -28,7 +28,7 @@ from cadenza.engine.event import Event
 from cadenza.engine.fsdp import gathered_for_evaluation, load_sharded, shard_model
 from cadenza.engine.loader import Loader
 from cadenza.engine.logger import Logger
-from cadenza.engine.object_store import is_remote
+from cadenza.engine.object_store import ObjectStoreError, get_object_store, is_remote
 from cadenza.engine.optim import build_optimizer, build_scheduler
 from cadenza.engine.precision import autocast_context, weights_dtype
 from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, LOSSES, MODELS
@@ -85,6 +85,8 @@ class Trainer:
         self.run_dir = Path(cfg.run.logs) / self.run_name
         setup_logging(self.run_dir, info.rank)
         self._write_config(info)
+        if info.is_main:
+            self._probe_storage()
 
         # The model, seeded identically on every rank, before anything that holds its parameters.
         seed_everything(cfg.run.seed)
@@ -276,6 +278,20 @@ class Trainer:
                 self.warmup_batches,
             )
         self.logger.log_hyperparameters(OmegaConf.to_container(self.cfg))
+
+    def _probe_storage(self) -> None:
+        """A checkpoint bucket that is missing or refuses the credentials stops the run before the model is built,
+        not at the first upload (hours in) or the last."""
+        if self.checkpoint_remote is None:
+            return
+        try:
+            get_object_store(self.checkpoint_remote).probe()
+        except ObjectStoreError as error:
+            raise ConfigError(
+                "checkpoint.save_folder",
+                f"cannot write to {self.checkpoint_remote} ({error}). Check the bucket name, the credentials and "
+                "S3_ENDPOINT_URL, or save to a local folder.",
+            ) from None
 
     @property
     def checkpoint_remote(self) -> str | None:
