@@ -88,14 +88,7 @@ def _error(tmp_path: Path, *overrides: str, yaml: str | None = None) -> ConfigEr
         (["optim.scheduler=const-cooldown"], "optim.cooldown", "needs a cooldown"),
         (["run.name=null", "checkpoint.resume=latest"], "checkpoint.resume", "run.name"),
         (["data.train=null", "data.val=null"], "data.train", "nothing to do"),
-        (["eval.zero_shot.templates=openia"], "eval.zero_shot.templates", "neither a template set"),
-        (["eval.zero_shot.templates=[a photo]"], "eval.zero_shot.templates", "has no '{}'"),
         (["optim.grad_clip_norm=2", "+algorithms.gradient_clipping={norm: 1}"], "optim.grad_clip_norm", "not both"),
-        (
-            ["optim.grad_clip_norm=null", "algorithms.gradient_clipping={norm: 1, value: 1}"],
-            "algorithms.gradient_clipping",
-            "exactly one",
-        ),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, overrides, key, hint):
@@ -103,6 +96,32 @@ def test_config_errors_name_the_key(tmp_path, overrides, key, hint):
     assert error.key == key
     assert f"'{key}'" in str(error)
     assert hint in str(error)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "hint"),
+    [
+        (["eval.zero_shot.templates=openia"], "eval.zero_shot.templates", "neither a template set"),
+        (["eval.zero_shot.templates=[a photo]"], "eval.zero_shot.templates", "has no '{}'"),
+        (
+            ["optim.grad_clip_norm=null", "algorithms.gradient_clipping={norm: 1, value: 1}"],
+            "algorithms.gradient_clipping",
+            "exactly one",
+        ),
+        (["algorithms.patch_dropout={prob: 1.5}"], "algorithms.patch_dropout", "[0, 1)"),
+    ],
+)
+def test_component_errors_come_from_their_one_build_before_any_work(tmp_path, monkeypatch, overrides, key, hint):
+    """load_config checks the names of an algorithm's arguments; building it (once, first thing in the trainer) checks
+    their values, before the process group, the run folder or the model."""
+    import cadenza.train.trainer as trainer_module
+
+    cfg = load_config(TINY, [f"run.logs={tmp_path / 'logs'}", "run.name=parts", *overrides])
+    monkeypatch.setattr(trainer_module.dist, "init_process_group", lambda *a: pytest.fail("work started"))
+    with pytest.raises(ConfigError) as info:
+        Trainer(cfg)
+    assert info.value.key == key and hint in str(info.value)
+    assert not (tmp_path / "logs").exists()
 
 
 def test_missing_dataset_type_and_bad_yaml(tmp_path):

@@ -25,7 +25,6 @@ from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, LO
 from cadenza.engine.time import Time, TimeUnit
 from cadenza.models.factory import get_model_config, list_models
 from cadenza.models.losses import LOSS_MODEL_TYPES
-from cadenza.train.zero_shot import load_templates
 
 PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16", "fp16")
 SCHEDULERS = ("cosine", "const", "const-cooldown")
@@ -329,7 +328,6 @@ def _check_values(cfg: DictConfig) -> None:
     if templates is not None:
         if not isinstance(templates, str) and not OmegaConf.is_list(templates):
             raise ConfigError("eval.zero_shot.templates", f"expected a set name, a file or a list, got {templates!r}.")
-        load_templates(templates if isinstance(templates, str) else list(templates))
     for section, registry, runtime in (
         ("algorithms", ALGORITHMS, ()),
         ("loggers", LOGGERS, LOGGER_RUNTIME_ARGS),
@@ -337,8 +335,6 @@ def _check_values(cfg: DictConfig) -> None:
     ):
         for name, args in cfg[section].items():
             registry.check_args(name, OmegaConf.to_container(args), f"{section}.{name}", runtime=runtime)
-    for name, args in cfg.algorithms.items():
-        ALGORITHMS.build(name, OmegaConf.to_container(args), f"algorithms.{name}")  # __init__ only checks its arguments
 
 
 def _check_run_name(name: str | None) -> None:
@@ -407,6 +403,11 @@ def _resolve_loss(cfg: DictConfig) -> None:
         f"loss.name={name} trains {LOSS_MODEL_TYPES[name]} models, and model.name={cfg.model.name} is a {model_type} "
         f"model. CoCa architectures: {', '.join(n for n in list_models() if 'coca' in n)}.",
     )
+
+
+def listed(value: Any) -> Any:
+    """A config list as a Python list; anything else as it is."""
+    return list(value) if OmegaConf.is_list(value) else value
 
 
 def loss_arguments(loss: DictConfig) -> dict[str, Any]:

@@ -37,8 +37,8 @@ from cadenza.engine.text_log import setup_logging
 from cadenza.engine.time import Time
 from cadenza.models.losses import LOSS_MODEL_INIT
 from cadenza.models.tokenizer import get_tokenizer
-from cadenza.train.config import loss_arguments, to_yaml
-from cadenza.train.zero_shot import build_zero_shot
+from cadenza.train.config import listed, loss_arguments, to_yaml
+from cadenza.train.zero_shot import build_zero_shot, load_templates
 
 log = logging.getLogger("cadenza")
 
@@ -77,7 +77,14 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, callbacks: list | None = None) -> None:
         self.cfg = cfg
-        # Process and device first: everything after may allocate on the device.
+        # What the config names and no model needs: the loss, the algorithms, the zero-shot prompts. Building them is
+        # their validation (load_config checks only their argument names), done once, before any work: their errors
+        # name the key before a process group, a run folder or a model exists.
+        loss_fn = LOSSES.build(cfg.loss.name, loss_arguments(cfg.loss), "loss")
+        algorithms = [ALGORITHMS.build(n, a, f"algorithms.{n}") for n, a in cfg.algorithms.items()]
+        self.templates = load_templates(listed(cfg.eval.zero_shot.templates))
+
+        # Process and device next: everything after may allocate on the device.
         info = dist.dist_info_from_env()
         device = resolve_device(cfg.run.device, info)
         dist.init_process_group(info, cfg.dist.backend, device)
@@ -108,9 +115,8 @@ class Trainer:
         if train_loader is not None:
             self._set_durations(state)
 
-        # The loss, then the algorithms, checked against each other, the loss and the data before anything runs.
-        state.loss_fn = LOSSES.build(cfg.loss.name, loss_arguments(cfg.loss), "loss")
-        state.algorithms = [ALGORITHMS.build(n, a, f"algorithms.{n}") for n, a in cfg.algorithms.items()]
+        # The algorithms, checked against each other, the loss and the data before anything runs.
+        state.loss_fn, state.algorithms = loss_fn, algorithms
         check_algorithms(state.algorithms, state)
 
         # Callbacks: metrics and checkpoints first (loggers see their output), loggers, then user callbacks.
@@ -242,7 +248,13 @@ class Trainer:
         if state.eval_loader is not None:
             callbacks.append(RetrievalEvaluator())
         zero_shot = build_zero_shot(
-            cfg.eval.zero_shot, state.model, cfg.model.name, cfg.data.batch_size, cfg.data.workers, self.trim_text
+            cfg.eval.zero_shot,
+            self.templates,
+            state.model,
+            cfg.model.name,
+            cfg.data.batch_size,
+            cfg.data.workers,
+            self.trim_text,
         )
         if zero_shot is not None:
             callbacks.append(zero_shot)

@@ -260,10 +260,17 @@ class ZeroShotEvaluator(Callback):
 
 
 def build_zero_shot(
-    cfg: Any, model: torch.nn.Module, model_name: str, batch_size: int, workers: int, trim_text: bool = False
+    cfg: Any,
+    templates: Sequence[str],
+    model: torch.nn.Module,
+    model_name: str,
+    batch_size: int,
+    workers: int,
+    trim_text: bool = False,
 ):
-    """The evaluator for the ``eval.zero_shot`` section (``None`` when its ``path`` is unset). ``trim_text``: prompts
-    are cut after the batch's longest (``model.trim_text_padding``)."""
+    """The evaluator for the ``eval.zero_shot`` section (``None`` when its ``path`` is unset), with the prompts the
+    trainer loaded from its ``templates``. ``trim_text``: prompts are cut after the batch's longest
+    (``model.trim_text_padding``)."""
     if cfg.path is None:
         return None
     classnames = cfg.classnames if isinstance(cfg.classnames, str) or cfg.classnames is None else list(cfg.classnames)
@@ -271,7 +278,7 @@ def build_zero_shot(
     return ZeroShotEvaluator(
         cfg.path,
         classnames,
-        cfg.templates if isinstance(cfg.templates, str) or cfg.templates is None else list(cfg.templates),
+        templates,
         cfg.name,
         transform=image_transform(model.image_size, False, model.image_mean, model.image_std),
         tokenizer=_trimmed(tokenizer, model) if trim_text else tokenizer,
