@@ -41,6 +41,7 @@ import torch
 from cadenza.datasets.context import LoaderContext
 from cadenza.datasets.samples import SampleCollator, SkipCounter
 from cadenza.engine.dist import DistInfo
+from cadenza.engine.errors import CadenzaError, DataError
 from cadenza.engine.object_store import is_url
 from cadenza.engine.registry import DATASETS
 
@@ -235,10 +236,20 @@ class StreamingLoader:
 
         self._release()
         streams = [streaming.Stream(**source) for source in self.sources]
-        self.dataset = MDSImageCaptions(
-            streams=streams, num_canonical_nodes=self.num_canonical_nodes, shuffle_seed=self.shuffle_seed,
-            **self._dataset_args,
-        )  # fmt: skip
+        try:
+            self.dataset = MDSImageCaptions(
+                streams=streams, num_canonical_nodes=self.num_canonical_nodes, shuffle_seed=self.shuffle_seed,
+                **self._dataset_args,
+            )  # fmt: skip
+        except (CadenzaError, KeyboardInterrupt):
+            raise
+        except Exception as error:  # noqa: BLE001 - streaming's index download: botocore, OS and its own errors
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise DataError(
+                f"cannot open the MDS shards of streaming {self.describe()}: {reason} ({type(error).__name__}). "
+                "Check that the remote is a folder or s3:// prefix holding index.json (composer convert writes one), "
+                "and for s3:// the bucket, S3_ENDPOINT_URL and the credentials."
+            ) from None
         context = self.context
         self.loader = streaming.StreamingDataLoader(
             self.dataset,

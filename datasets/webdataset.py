@@ -33,6 +33,8 @@ loader takes the next sample so batches stay full. A source where nothing can be
 from __future__ import annotations
 
 import bisect
+import fnmatch
+import glob
 import json
 import logging
 import math
@@ -64,7 +66,16 @@ from cadenza.datasets.samples import (
 )
 from cadenza.engine import dist
 from cadenza.engine.errors import DataError
-from cadenza.engine.object_store import ObjectStoreError, open_url, read_url, url_basename, url_dirname
+from cadenza.engine.object_store import (
+    ObjectStoreError,
+    get_object_store,
+    is_remote,
+    is_url,
+    open_url,
+    read_url,
+    url_basename,
+    url_dirname,
+)
 from cadenza.engine.registry import DATASETS
 
 log = logging.getLogger("cadenza")
@@ -80,6 +91,25 @@ _AUGMENT_SALT = 0x4155_474D
 
 
 # -- shard lists ------------------------------------------------------------------------------------------
+def _glob(url: str) -> list[str]:
+    """``url`` itself, or the shards its ``*``, ``?`` or ``[...]`` matches (sorted), in a folder or an s3:// prefix."""
+    if not any(c in url for c in "*?["):
+        return [url]
+    folder, pattern = url_dirname(url), url_basename(url)
+    if any(c in folder for c in "*?["):
+        raise ValueError(f"'{url}': only the file name may hold a wildcard, not the folders")
+    if is_remote(url):
+        names = sorted(get_object_store(folder).list())
+        found = [f"{folder}/{name}" for name in names if "/" not in name and fnmatch.fnmatchcase(name, pattern)]
+    elif is_url(url):
+        raise ValueError(f"'{url}': wildcards work in local folders and s3:// prefixes only; list the shards")
+    else:
+        found = sorted(glob.glob(url))
+    if not found:
+        raise ValueError(f"'{url}' matches no file")
+    return found
+
+
 def expand_sources(path: str, upsampling_factors: list[float] | str | None = None) -> tuple[list[str], list[float]]:
     """OpenCLIP's ``expand_urls``: split ``::`` sources, expand braces; one weight per shard (its source's factor)."""
     from webdataset.shardlists import expand_urls
@@ -95,7 +125,7 @@ def expand_sources(path: str, upsampling_factors: list[float] | str | None = Non
     urls: list[str] = []
     weights: list[float] = []
     for source, factor in zip(sources, factors, strict=True):
-        expanded = expand_urls(source)
+        expanded = [shard for url in expand_urls(source) for shard in _glob(url)]
         urls += expanded
         weights += [float(factor)] * len(expanded)
     if not urls:

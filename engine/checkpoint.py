@@ -3,9 +3,14 @@ and finding the newest complete checkpoint locally or remotely.
 
 A checkpoint is a ``torch.save``d dict: ``state_dict`` (model weights, OpenCLIP's key), ``optimizer``,
 ``scaler``, ``scheduler``, ``timestamp``, ``rng``, ``dataloader``, ``algorithms``, ``callbacks``,
-plus ``epoch``, ``name`` and the resolved ``config`` (YAML text). Files are named
+plus ``epoch``, ``name``, ``lineage`` and the resolved ``config`` (YAML text). Files are named
 ``ep{epoch}-ba{batch}.pt``, each with a ``.sha256`` sidecar written after it (a checkpoint without
-one is incomplete); ``epoch_latest.pt`` is a copy of the newest. In an object store, ``latest.json``
+one is incomplete); ``epoch_latest.pt`` is a copy of the newest.
+
+A run's ``lineage`` is an id drawn when it starts from scratch and carried on by every run that resumes
+from it; it is in each checkpoint and in its sidecar (JSON: ``sha256``, ``size``, ``lineage``), and
+retention deletes only checkpoints of its own lineage. Checkpoints written before lineages existed have
+none (``None``), and a run resumed from one carries that on. In an object store, ``latest.json``
 names the newest checkpoint and is written only after all of its files are uploaded.
 
 With FSDP the weights and optimizer state are gathered into that same layout (``engine/fsdp.py``),
@@ -104,15 +109,18 @@ def _write_atomic(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
-def save_atomic(obj: Any, path: Path) -> str:
-    """Write ``obj`` to ``path`` (temporary file, fsync, rename), then its ``.sha256`` sidecar.
+def save_atomic(obj: Any, path: Path, lineage: str | None = None) -> str:
+    """Write ``obj`` to ``path`` (temporary file, fsync, rename), then its ``.sha256`` sidecar (with ``lineage``).
 
     A crash at any point leaves either the previous state or a complete checkpoint; a failure (a full
     disk) removes the temporary file and keeps any previous ``path``. Returns the SHA-256.
     """
     _write_atomic(path, lambda handle: torch.save(obj, handle))
     digest = sha256_of(path)
-    sidecar = json.dumps({"sha256": digest, "size": path.stat().st_size}).encode()
+    record: dict[str, Any] = {"sha256": digest, "size": path.stat().st_size}
+    if lineage is not None:
+        record["lineage"] = lineage
+    sidecar = json.dumps(record).encode()
     _write_atomic(sidecar_of(path), lambda handle: handle.write(sidecar))
     return digest
 
@@ -137,6 +145,38 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 def sidecar_of(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
+
+
+def lineage_of_sidecar(text: bytes | str) -> str | None:
+    """The lineage a sidecar records (``None``: written before lineages, or not JSON)."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    return record.get("lineage") if isinstance(record, dict) else None
+
+
+def lineage_of(path: Path) -> str | None:
+    """The lineage of the local checkpoint ``path``, from its sidecar."""
+    try:
+        return lineage_of_sidecar(sidecar_of(path).read_bytes())
+    except OSError:
+        return None
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """What a run's checkpoints occupy in ``folder``: numbered checkpoints, their sidecars and sharded folders,
+    ``epoch_latest.pt`` and staged uploads."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if step_of(p.name.removesuffix(".sha256")) is not None
+        or _NAME.match(p.name.removesuffix(".dcp") + ".pt")
+        or p.name in (LATEST, f".{POINTER}")
+        or (p.name.startswith(".ep") and p.name.endswith(".upload"))
+    )
 
 
 def verify(path: Path, require_sidecar: bool = True) -> None:
@@ -258,6 +298,7 @@ class CheckpointSaver(Callback):
         keep: numbered checkpoints kept, newest first (-1: all); applies remotely too.
         save_latest: keep ``epoch_latest.pt`` as a copy of the newest (remotely too).
         run_name: stored in the checkpoint as ``name``.
+        lineage: the run's lineage (see the module docstring); the trainer sets the resumed one's.
         config_yaml: the resolved config, stored as ``config``.
         remote: an object-store URI (``s3://bucket/prefix``) checkpoints are uploaded to in the background.
         upload_timeout: seconds to wait at the end for pending uploads.
@@ -275,8 +316,10 @@ class CheckpointSaver(Callback):
         remote: str | None = None,
         upload_timeout: float = 600.0,
         sharded: bool = False,
+        lineage: str | None = None,
     ) -> None:
         self.folder = Path(folder)
+        self.lineage = lineage
         self.sharded = sharded
         self.interval = Time.parse(save_interval, "checkpoint.save_interval", allow_wall_clock=True)
         self.keep = keep
@@ -289,11 +332,12 @@ class CheckpointSaver(Callback):
         self._every_batches = 0
         self._last_saved_batch = -1
         self._last_save_time = time.monotonic()
+        self._remote_lineages: dict[str, str | None] = {}  # remote checkpoint → its lineage, as read or uploaded
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
         """What a process killed mid-save or mid-retention left: temporary files and checksums whose checkpoint is
-        gone. (Uploads' ``.upload`` links stay: see ``_upload``.)"""
+        gone. (Uploads' ``.upload`` links stay until ``fit_start`` finishes or removes them.)"""
         if not self.folder.is_dir():
             return
         for stale in self.folder.glob(".*.tmp"):
@@ -305,6 +349,8 @@ class CheckpointSaver(Callback):
 
     def fit_start(self, state: State, logger: Logger) -> None:
         self._last_save_time = time.monotonic()
+        if state.dist.is_main:
+            self._finish_staged_uploads()
         if self.interval.unit in (TimeUnit.BATCH, TimeUnit.SAMPLE, TimeUnit.DURATION):
             self._every_batches = max(
                 self.interval.to_batches(state.batches_per_epoch, state.samples_per_batch, state.max_batches), 1
@@ -336,10 +382,12 @@ class CheckpointSaver(Callback):
         checkpoint = state.state_dict(weights=not self.sharded)  # every rank: FSDP gathers the weights
         if not state.dist.is_main:
             return None
-        checkpoint.update(epoch=state.timestamp.epoch, name=self.run_name, config=self.config_yaml)
+        checkpoint.update(
+            epoch=state.timestamp.epoch, name=self.run_name, config=self.config_yaml, lineage=self.lineage
+        )
         if self.sharded:
             checkpoint["sharded"] = sharded_folder(path).name
-        digest = save_atomic(checkpoint, path)
+        digest = save_atomic(checkpoint, path, self.lineage)
         if self.save_latest:
             link_or_copy(path, self.folder / LATEST)
         log.info("saved checkpoint %s (%.1fs)", path, time.perf_counter() - started)
@@ -349,14 +397,18 @@ class CheckpointSaver(Callback):
         return path
 
     def _apply_retention(self) -> None:
+        """Keep the newest ``keep`` checkpoints of this run's lineage; never touch another lineage's."""
         if self.keep == -1:
             return
-        for old in numbered_checkpoints(self.folder)[: -self.keep]:
-            # the checksum first: killed between the two, the checkpoint is merely incomplete (never resumed from,
-            # deleted by the next retention) instead of leaving a checksum nothing will ever remove
-            sidecar_of(old).unlink(missing_ok=True)
-            old.unlink(missing_ok=True)
+        own = [
+            p for p in numbered_checkpoints(self.folder) if sidecar_of(p).is_file() and lineage_of(p) == self.lineage
+        ]
+        for old in own[: -self.keep]:
+            # the checkpoint first, its checksum (which says whose it is) last: killed between the two, the orphaned
+            # checksum is removed when the next run starts (_remove_leftovers)
             shutil.rmtree(sharded_folder(old), ignore_errors=True)
+            old.unlink(missing_ok=True)
+            sidecar_of(old).unlink(missing_ok=True)
             log.info("deleted old checkpoint %s (checkpoint.keep=%d)", old, self.keep)
 
     # -- object store -------------------------------------------------------------------------------
@@ -364,36 +416,83 @@ class CheckpointSaver(Callback):
         """Queue the checkpoint's files, then the pointer, then remote retention, in that order."""
         if self._uploads is None:
             self._uploads = BackgroundTransfers("checkpoint upload")
-        store, name = self.remote, path.name
+        name = path.name
         # Upload from hard links: local retention may delete the files before their upload runs.
         staged, staged_sidecar = self.folder / f".{name}.upload", self.folder / f".{name}.sha256.upload"
         for source, link in ((path, staged), (sidecar_of(path), staged_sidecar)):
             link.unlink(missing_ok=True)
             os.link(source, link)
+        self._upload_staged(name, step, digest)
+
+    def _upload_staged(self, name: str, step: int, digest: str, newest: bool = True) -> None:
+        """Queue the upload of ``.<name>.upload`` and its checksum, then the pointer (when ``newest``), then remote
+        retention; the staged links are removed once uploaded."""
+        store = self.remote
+        staged, staged_sidecar = self.folder / f".{name}.upload", self.folder / f".{name}.sha256.upload"
+        self._remote_lineages[name] = lineage_of_sidecar(staged_sidecar.read_bytes())
         self._uploads.submit(f"upload of {name}", lambda: store.upload(staged, name))
         self._uploads.submit(f"upload of {name}.sha256", lambda: store.upload(staged_sidecar, f"{name}.sha256"))
         pointer = json.dumps({"name": name, "step": step, "sha256": digest}).encode()
 
         def finish() -> None:
-            if self.save_latest:
-                store.copy(name, LATEST)
-            pointer_file = self.folder / f".{POINTER}"
-            pointer_file.write_bytes(pointer)
-            store.upload(pointer_file, POINTER)
+            if newest:
+                if self.save_latest:
+                    store.copy(name, LATEST)
+                pointer_file = self.folder / f".{POINTER}"
+                pointer_file.write_bytes(pointer)
+                store.upload(pointer_file, POINTER)
             staged.unlink(missing_ok=True)
             staged_sidecar.unlink(missing_ok=True)
             log.info("uploaded checkpoint %s", store.join(name))
 
-        self._uploads.submit(f"pointer update to {name}", finish)
+        self._uploads.submit(f"pointer update to {name}" if newest else f"end of the upload of {name}", finish)
         if self.keep != -1:
             self._uploads.submit("remote retention", self._apply_remote_retention)
 
+    def _finish_staged_uploads(self) -> None:
+        """Staged uploads a killed run left (``.<name>.upload`` links, each a complete checkpoint): uploaded now, or
+        removed when this run uploads nowhere or the remote already has them."""
+        staged = sorted(
+            (step, p.name[1 : -len(".upload")])
+            for p in self.folder.glob(".ep*-ba*.pt.upload")
+            if (step := step_of(p.name[1 : -len(".upload")])) is not None
+        )
+        if not staged:
+            return
+        remote_keys = set(self.remote.list()) if self.remote is not None else set()
+        newest_remote = max((s for k in remote_keys if (s := step_of(k)) is not None), default=-1)
+        for step, name in staged:
+            files = (self.folder / f".{name}.upload", self.folder / f".{name}.sha256.upload")
+            if self.remote is None or not files[1].is_file() or {name, f"{name}.sha256"} <= remote_keys:
+                for file in files:
+                    file.unlink(missing_ok=True)
+                log.info("removed the staged upload of %s left by an interrupted run (%s)", name, self._why(files))
+                continue
+            if self._uploads is None:
+                self._uploads = BackgroundTransfers("checkpoint upload")
+            digest = json.loads(files[1].read_bytes())["sha256"]
+            log.info("uploading %s, staged by an interrupted run, to %s", name, self.remote.join(name))
+            self._upload_staged(name, step, digest, newest=step > newest_remote)
+            newest_remote = max(newest_remote, step)
+
+    def _why(self, files: tuple[Path, Path]) -> str:
+        if self.remote is None:
+            return "this run uploads nowhere"
+        if not files[1].is_file():
+            return "its checksum was never staged"
+        return f"{self.remote.uri} has it"
+
     def _apply_remote_retention(self) -> None:
-        keys = self.remote.list()
-        numbered = sorted((step, key) for key in keys if (step := step_of(key)) is not None)
-        for _, key in numbered[: -self.keep]:
+        """The newest ``keep`` remote checkpoints of this run's lineage stay; other lineages' are never deleted."""
+        keys = set(self.remote.list())
+        numbered = sorted((step, key) for key in keys if (step := step_of(key)) is not None and f"{key}.sha256" in keys)
+        for key in (k for _, k in numbered if k not in self._remote_lineages):
+            self._remote_lineages[key] = lineage_of_sidecar(self.remote.read_bytes(f"{key}.sha256") or b"")
+        own = [key for _, key in numbered if self._remote_lineages[key] == self.lineage]
+        for key in own[: -self.keep]:
             self.remote.delete(key)
             self.remote.delete(f"{key}.sha256")
+            self._remote_lineages.pop(key, None)
             log.info("deleted old remote checkpoint %s", self.remote.join(key))
 
     def close(self, state: State, logger: Logger) -> None:

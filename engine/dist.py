@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -114,6 +115,15 @@ def init_process_group(info: DistInfo, backend: str, device: torch.device) -> No
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
+    # Left to C++'s static destructors at exit, a process group whose peers are still running (rank 0 writing the last
+    # checkpoint) can abort the process ("terminate called without an active exception", SIGABRT, seen under load):
+    # shut it down at interpreter exit, after whatever ran after fit.
+    atexit.register(_leave_process_group)
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

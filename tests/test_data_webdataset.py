@@ -11,6 +11,7 @@ import pytest
 from cadenza.datasets.webdataset import SHARD_DONE, ShardPlan, dataset_size, expand_sources, iter_tar
 from cadenza.engine import ConfigError, DataError
 from cadenza.engine.dist import DistInfo
+from cadenza.engine.object_store import S3Store
 from cadenza.train.trainer import Trainer
 
 from .data_helpers import (
@@ -83,6 +84,28 @@ def test_shard_strings_and_sample_counts(tmp_path):
     (tmp_path / "a" / "sizes.json").write_text(json.dumps({"00000.tar": 4}))
     with pytest.raises(ValueError, match="sizes.json has no count for"):
         dataset_size(urls[:2])
+
+
+def test_a_wildcard_names_the_shards_it_matches_locally_and_on_s3(tmp_path, s3_bucket):
+    write_shards(tmp_path / "a", shards=3, per_shard=4)
+    assert expand_sources(f"{tmp_path}/a/*.tar")[0] == [f"{tmp_path}/a/0000{i}.tar" for i in range(3)]
+    assert expand_sources(f"{tmp_path}/a/0000[12].tar")[0] == [f"{tmp_path}/a/0000{i}.tar" for i in (1, 2)]
+    with pytest.raises(ValueError, match=r"'.*/a/\*\.tgz' matches no file"):
+        expand_sources(f"{tmp_path}/a/*.tgz")
+    with pytest.raises(ValueError, match="only the file name"):
+        expand_sources(f"{tmp_path}/*/00000.tar")
+    store = S3Store(f"s3://{s3_bucket}/shards")
+    for name in ("00000.tar", "00001.tar", "notes.txt", "deeper/00002.tar"):
+        store.write_bytes(name, b"x")
+    assert expand_sources(f"s3://{s3_bucket}/shards/*.tar")[0] == [
+        f"s3://{s3_bucket}/shards/00000.tar",
+        f"s3://{s3_bucket}/shards/00001.tar",
+    ]
+
+
+def test_a_wildcard_that_matches_nothing_is_a_config_error_of_the_section(tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.train.*matches no file"):
+        Trainer(tiny(f"data.train={{type: webdataset, path: '{tmp_path}/none/*.tar', num_samples: 8}}"))
 
 
 def test_configuration_errors_name_the_key(tiny, tmp_path):

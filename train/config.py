@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,7 @@ class CheckpointConfig:
         None  # a path, s3:// URI, or 'latest' (newest locally, then in save_folder; fresh start if none)
     )
     upload_timeout: float = 600.0  # seconds to wait at exit for pending uploads to an s3:// save_folder
+    overwrite: bool = False  # a run from scratch deletes the checkpoints another run left in its folder (else: exit 2)
 
 
 @dataclass
@@ -167,14 +169,23 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             user = OmegaConf.load(path)
         except Exception as error:  # noqa: BLE001 - any YAML syntax error becomes a ConfigError
             raise ConfigError("config", f"cannot read '{path}': {error}") from error
+        if not isinstance(user, DictConfig):
+            raise ConfigError(
+                "config",
+                f"'{path}' holds a {type(user).__name__.removesuffix('Config').lower()} at its top level; a config is "
+                "a mapping of sections (run:, model:, data:, ...). See yamls/tiny.yaml.",
+            )
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "command-line overrides are written key=value, e.g. optim.lr=1e-4.")
-    overrides = [item.removeprefix("+") for item in overrides]  # Hydra's "+key=value" means the same here
-    try:
-        user = OmegaConf.merge(user, OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as error:
-        raise ConfigError("overrides", str(error)) from error
+        key, value = item.removeprefix("+").split("=", 1)  # Hydra's "+key=value" means the same here
+        try:
+            user = OmegaConf.merge(user, OmegaConf.from_dotlist([f"{key}={value}"]))
+        except Exception as error:  # noqa: BLE001 - a value YAML cannot read, or one that does not fit the key
+            problem = " ".join(str(error).split())
+            raise ConfigError(
+                key, f"cannot use the override {item!r} ({problem}). Quote lists and mappings whole: '{key}=[1, 2]'."
+            ) from None
     return build_config(user)
 
 
@@ -227,6 +238,13 @@ def _check_keys(node: Any, schema: type, prefix: str) -> None:
         nested = _dataclass_of(sub)
         if nested is not None:
             _check_keys(node._get_node(key), nested, f"{prefix}{key}.")
+        elif str(sub).startswith("dict") and not isinstance(node._get_node(key), DictConfig | None):
+            if node[key] is not None:
+                raise ConfigError(
+                    f"{prefix}{key}",
+                    f"expected a mapping of names to their arguments, got {node[key]!r}; write e.g. "
+                    f"{key}: {{ema: {{}}}} (or {prefix}{key}.ema={{}} on the command line).",
+                )
 
 
 def _dataclass_of(annotation: Any) -> type | None:
@@ -282,6 +300,7 @@ def _check_values(cfg: DictConfig) -> None:
         raise ConfigError(
             "optim.cooldown", f"only used by optim.scheduler=const-cooldown (got '{cfg.optim.scheduler}')."
         )
+    _check_finite(OmegaConf.to_container(cfg), "")
     if cfg.optim.lr < 0:
         raise ConfigError("optim.lr", "must not be negative.")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
@@ -301,6 +320,11 @@ def _check_values(cfg: DictConfig) -> None:
         hint = suggest(resume, ["latest"])
         if hint.startswith(" Did you mean"):  # a typo of 'latest', not a path that is missing
             raise ConfigError("checkpoint.resume", f"'{resume}' is not a checkpoint file.{hint}")
+    if cfg.checkpoint.overwrite and resume is not None:
+        raise ConfigError(
+            "checkpoint.overwrite",
+            "deletes the checkpoints in the run's folder, and checkpoint.resume continues from them: set one of them.",
+        )
     if cfg.checkpoint.resume == "latest" and cfg.run.name is None:
         raise ConfigError(
             "checkpoint.resume", "'latest' needs a fixed run.name, so that a restarted job finds its own run folder."
@@ -335,6 +359,15 @@ def _check_values(cfg: DictConfig) -> None:
     ):
         for name, args in cfg[section].items():
             registry.check_args(name, OmegaConf.to_container(args), f"{section}.{name}", runtime=runtime)
+
+
+def _check_finite(node: dict[str, Any], prefix: str) -> None:
+    """No number in a config is NaN, and none of the optimizer's is infinite (``optim.lr=nan`` would train nothing)."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            _check_finite(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and (math.isnan(value) or (prefix == "optim." and math.isinf(value))):
+            raise ConfigError(f"{prefix}{key}", f"must be a finite number, got {value}.")
 
 
 def _check_run_name(name: str | None) -> None:

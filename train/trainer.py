@@ -9,6 +9,7 @@ import inspect
 import logging
 import random
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -21,9 +22,9 @@ from cadenza.datasets.context import LoaderContext
 from cadenza.datasets.transforms import image_transform
 from cadenza.engine import dist
 from cadenza.engine.callbacks import RetrievalEvaluator, TrainMetrics
-from cadenza.engine.checkpoint import CheckpointSaver, find_latest, load_checkpoint, resolve_resume
+from cadenza.engine.checkpoint import CheckpointSaver, find_latest, load_checkpoint, resolve_resume, stored_config
 from cadenza.engine.engine import Engine, check_algorithms
-from cadenza.engine.errors import ConfigError, TrainingError
+from cadenza.engine.errors import CheckpointError, ConfigError, TrainingError
 from cadenza.engine.event import Event
 from cadenza.engine.fsdp import gathered_for_evaluation, load_sharded, shard_model
 from cadenza.engine.loader import Loader
@@ -38,6 +39,7 @@ from cadenza.engine.time import Time
 from cadenza.models.losses import LOSS_MODEL_INIT
 from cadenza.models.tokenizer import get_tokenizer
 from cadenza.train.config import listed, loss_arguments, to_yaml
+from cadenza.train.run_folder import RunFolderLock, claim_checkpoints
 from cadenza.train.zero_shot import build_zero_shot, load_templates
 
 log = logging.getLogger("cadenza")
@@ -90,10 +92,29 @@ class Trainer:
         dist.init_process_group(info, cfg.dist.backend, device)
         self.run_name = cfg.run.name or default_run_name(cfg)
         self.run_dir = Path(cfg.run.logs) / self.run_name
+        # The run folder is this run's while it lives (rank 0 holds its lock); everything after releases it on failure.
+        self._lock = RunFolderLock(self.run_dir) if info.is_main else None
+        try:
+            self._build(info, device, loss_fn, algorithms, callbacks)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let go of the run folder (``fit`` does at its end; a trainer that never fits may call it)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _build(
+        self, info: dist.DistInfo, device: torch.device, loss_fn: nn.Module, algorithms: list, callbacks: list | None
+    ) -> None:
+        cfg = self.cfg
         setup_logging(self.run_dir, info.rank)
-        self._write_config(info)
+        self.lineage: str | None = uuid.uuid4().hex  # a resumed run carries on its checkpoint's (see load)
         if info.is_main:
             self._probe_storage()
+            if cfg.checkpoint.resume is None and cfg.data.train is not None:
+                claim_checkpoints(self.checkpoint_folder, self.checkpoint_remote, cfg.checkpoint.overwrite)
 
         # The model, seeded identically on every rank, before anything that holds its parameters.
         seed_everything(cfg.run.seed)
@@ -139,6 +160,7 @@ class Trainer:
             state.scaler = torch.amp.GradScaler(device.type) if cfg.run.precision == "amp" else None
         self._log_setup(state)
         self._resume()
+        self._write_config(info)  # only once everything is built: a config that fails leaves the folder's as it was
 
     # -- building -----------------------------------------------------------------------------------
     def _write_config(self, info: dist.DistInfo) -> None:
@@ -243,6 +265,7 @@ class Trainer:
                     remote=self.checkpoint_remote,
                     upload_timeout=cfg.checkpoint.upload_timeout,
                     sharded=cfg.dist.fsdp and cfg.dist.fsdp_state_dict == "sharded",
+                    lineage=self.lineage,
                 )
             )
         if state.eval_loader is not None:
@@ -332,12 +355,69 @@ class Trainer:
         """Restore every piece of training state from a checkpoint file."""
         self.engine.run_event(Event.BEFORE_LOAD)
         checkpoint = load_checkpoint(path)
+        self._check_fits(checkpoint, path)
+        self.lineage = checkpoint.get("lineage")  # checkpoints from before lineages have none; carried on as such
+        for callback in self.state.callbacks:
+            if isinstance(callback, CheckpointSaver):
+                callback.lineage = self.lineage
         self.state.load_state_dict(checkpoint)
         if checkpoint.get("sharded") is not None:  # dist.fsdp_state_dict=sharded: weights and optimizer apart
             load_sharded(self.state.model, self.state.optimizer, Path(path).parent / checkpoint["sharded"])
         self.engine.run_event(Event.AFTER_LOAD)
         ts = self.state.timestamp
         log.info("resumed from %s at epoch %d, step %d (%d samples)", path, ts.epoch, ts.batch, ts.sample)
+        self._say_what_changed(checkpoint, path)
+
+    def _say_what_changed(self, checkpoint: dict, path: str | Path) -> None:
+        """A resume with another batch size or number of processes works, and changes what a step is: say how."""
+        ts, state = self.state.timestamp, self.state
+        if ts.batch == 0 or ts.sample % ts.batch:
+            return
+        before, now = ts.sample // ts.batch, state.samples_per_batch
+        if before == now:
+            return
+        try:
+            saved = stored_config(checkpoint, path)
+            batch, accum = saved["data"]["batch_size"], saved["optim"]["accum_freq"]
+            setup = f" (data.batch_size={batch}, optim.accum_freq={accum}, {before // (batch * accum)} processes)"
+        except (CheckpointError, KeyError, TypeError, ZeroDivisionError):
+            setup = ""
+        log.warning(
+            "resumed with %d samples per step, saved with %d%s: from here a step is %d samples (data.batch_size=%d x "
+            "%d processes x optim.accum_freq=%d). The learning-rate schedule counts steps and continues at step %d "
+            "of %d; durations in samples (sp) and epochs are converted with the new step size.",
+            now,
+            before,
+            setup,
+            now,
+            self.cfg.data.batch_size,
+            state.dist.world_size,
+            self.cfg.optim.accum_freq,
+            ts.batch,
+            state.max_batches,
+        )
+
+    def _check_fits(self, checkpoint: dict, path: str | Path) -> None:
+        """A checkpoint of another architecture is a config error naming both, not a page of missing keys."""
+        weights, own = checkpoint.get("state_dict"), self.state.model.state_dict()
+        if weights is None:
+            return
+        missing = [k for k in own if k not in weights]
+        unexpected = [k for k in weights if k not in own]
+        reshaped = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+        if not (missing or unexpected or reshaped):
+            return
+        try:
+            saved_as = f"model.name={stored_config(checkpoint, path).get('model', {}).get('name')}"
+        except CheckpointError:
+            saved_as = "another model"
+        raise ConfigError(
+            "checkpoint.resume",
+            f"'{path}' was saved by {saved_as} and does not fit this run's model.name={self.cfg.model.name} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected and {len(reshaped)} reshaped tensors, e.g. "
+            f"{(missing + unexpected + reshaped)[:3]}). Resume it with the model and model.overrides it was saved "
+            "with, or start this run without checkpoint.resume.",
+        )
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> State:
@@ -354,7 +434,10 @@ class Trainer:
                 self.evaluate()
             self.engine.run_event(Event.FIT_END)
         finally:
-            self.engine.close()
+            try:
+                self.engine.close()
+            finally:
+                self.release()
         return state
 
     _evaluated_at_last_step = False
