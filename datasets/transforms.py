@@ -113,6 +113,40 @@ class RandomResizedCrop(T.RandomResizedCrop):
         return img.resize((width, height), F.pil_modes_mapping[self.interpolation])
 
 
+def check_augment(
+    scale: Sequence[float] = (0.9, 1.0),
+    ratio: Sequence[float] | None = None,
+    color_jitter: float | Sequence[float] | None = None,
+    color_jitter_prob: float | None = None,
+    gray_scale_prob: float | None = None,
+    re_prob: float | None = None,
+    re_count: int | None = None,
+    use_timm: bool = False,
+    **_: Any,
+) -> None:
+    """Raise ``ValueError`` for ``data.augment`` values out of range or options that do not go together
+    (``load_config`` checks them with this, ``image_transform`` too: no transform is built just to find out)."""
+    for name, pair, top in (("scale", scale, 1.0), ("ratio", ratio, math.inf)):
+        if pair is not None and (len(pair) != 2 or not 0 < pair[0] <= pair[1] <= top):
+            raise ValueError(f"{name} must be two numbers 0 < low <= high{' <= 1' if top == 1 else ''}, got {pair}")
+    for name, p in (
+        ("color_jitter_prob", color_jitter_prob),
+        ("gray_scale_prob", gray_scale_prob),
+        ("re_prob", re_prob),
+    ):
+        if p is not None and not 0 <= p <= 1:
+            raise ValueError(f"{name} is a probability in [0, 1], got {p}")
+    if use_timm:
+        return
+    if re_prob or re_count:
+        raise ValueError("re_prob / re_count need use_timm: true (as in OpenCLIP)")
+    if color_jitter_prob:
+        if color_jitter is None or isinstance(color_jitter, (int, float)) or len(color_jitter) != 4:
+            raise ValueError("color_jitter_prob needs color_jitter as 4 numbers: brightness, contrast, saturation, hue")
+    elif color_jitter is not None:
+        raise ValueError("color_jitter without use_timm needs color_jitter_prob (as in OpenCLIP)")
+
+
 def image_transform(
     image_size: int,
     train: bool,
@@ -128,6 +162,7 @@ def image_transform(
     use_timm: bool = False,
 ) -> Callable[[Any], Any]:
     """Build the PIL → normalized tensor transform (the keyword arguments are ``data.augment``)."""
+    check_augment(scale, ratio, color_jitter, color_jitter_prob, gray_scale_prob, re_prob, re_count, use_timm)
     if not train:
         return T.Compose(
             [
@@ -151,8 +186,6 @@ def image_transform(
             interpolation="bicubic",
             **{k: v for k, v in options.items() if v is not None},
         )
-    if re_prob or re_count:
-        raise ValueError("re_prob / re_count need use_timm: true (as in OpenCLIP)")
     steps: list[Callable] = [
         RandomResizedCrop(
             image_size,
@@ -164,11 +197,7 @@ def image_transform(
     if color_jitter_prob or gray_scale_prob:
         steps.append(_to_rgb)  # before the color steps, as OpenCLIP (ToNormalizedTensor converts otherwise)
     if color_jitter_prob:
-        if color_jitter is None or isinstance(color_jitter, (int, float)) or len(color_jitter) != 4:
-            raise ValueError("color_jitter_prob needs color_jitter as 4 numbers: brightness, contrast, saturation, hue")
         steps.append(T.RandomApply([T.ColorJitter(*color_jitter)], p=color_jitter_prob))
-    elif color_jitter is not None:
-        raise ValueError("color_jitter without use_timm needs color_jitter_prob (as in OpenCLIP)")
     if gray_scale_prob:
         steps.append(T.RandomGrayscale(p=gray_scale_prob))
     steps.append(ToNormalizedTensor(mean, std))

@@ -26,6 +26,9 @@ FAST = ("data.val=null", "data.train.num_samples=16", "data.batch_size=8", "run.
         (None, ("optim.weight_decay=inf",), "optim.weight_decay", "finite number"),
         (None, ("loss.clip_loss_weight=.nan",), "loss.clip_loss_weight", "finite number"),
         (None, ("callbacks=[1]",), "callbacks", "mapping of names"),
+        (None, ("data.augment.scale=[0.9, 1.5]",), "data.augment", "0 < low <= high <= 1"),
+        (None, ("data.augment.gray_scale_prob=2",), "data.augment", "probability in [0, 1]"),
+        (None, ("data.augment.re_prob=0.5",), "data.augment", "need use_timm"),
     ],
 )
 def test_config_mistakes_name_the_key(tmp_path, yaml, overrides, key, hint):

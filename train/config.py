@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cadenza import algorithms, datasets, models  # noqa: F401 - their modules fill the tables below
-from cadenza.datasets.transforms import image_transform
+from cadenza.datasets.transforms import check_augment
 from cadenza.engine import callbacks, logger_destinations, remote_sync  # noqa: F401 - so do these
 from cadenza.engine.errors import ConfigError, suggest
 from cadenza.engine.object_store import check_storage, is_remote
@@ -341,7 +341,7 @@ def _check_values(cfg: DictConfig) -> None:
         args = {k: v for k, v in dataset.items() if k != "type"}
         DATASETS.check_args(dataset.type, args, f"data.{split}", runtime=DATASET_RUNTIME_ARGS)
     try:
-        image_transform(32, True, **OmegaConf.to_container(cfg.data.augment))
+        check_augment(**OmegaConf.to_container(cfg.data.augment))
     except (TypeError, ValueError) as error:
         raise ConfigError("data.augment", str(error)) from error
     if cfg.data.train is None and cfg.data.val is None and cfg.eval.zero_shot.path is None:
