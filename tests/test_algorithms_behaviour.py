@@ -255,10 +255,16 @@ def test_distillation_trains_and_rejects_accumulation(tiny):
     )
     with pytest.raises(ConfigError, match="accum_freq"):
         Trainer(
-            tiny(*NO_EVAL, "optim.accum_freq=2", "data.batch_size=8", "algorithms.distillation={teacher: tiny-vit}")
+            tiny(
+                *NO_EVAL,
+                "run.name=accum",
+                "optim.accum_freq=2",
+                "data.batch_size=8",
+                "algorithms.distillation={teacher: tiny-vit}",
+            )
         )
     with pytest.raises(ConfigError, match="algorithms.distillation"):
-        Trainer(tiny(*NO_EVAL, "loss.name=siglip", "algorithms.distillation={teacher: tiny-vit}"))
+        Trainer(tiny(*NO_EVAL, "run.name=siglip", "loss.name=siglip", "algorithms.distillation={teacher: tiny-vit}"))
 
 
 def test_distillation_rejects_a_non_clip_loss_when_checked_not_at_init():

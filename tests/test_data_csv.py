@@ -4,6 +4,8 @@ options, per-sample augmentation, and bad rows skipped and counted."""
 from __future__ import annotations
 
 import doctest
+import functools
+import os
 
 import pytest
 import torch
@@ -281,18 +283,29 @@ def test_worker_batches_arrive_as_named_shared_memory_and_leave_none_behind(tmp_
     path = write_csv(tmp_path / "data", 24)
     shm = Path("/dev/shm")
     before = set(shm.iterdir()) if shm.is_dir() else set()
+    pids = tmp_path / "pids"
+    pids.mkdir()
     batches = {}
     for workers in (0, 1):
         loader = ResumableLoader(CsvDataset(str(path), context(workers=workers)), context(workers=workers))
         assert (loader.loader.worker_init_fn is not None) == (workers > 0)
+        if workers:  # note each worker's pid: /dev/shm is the machine's, other processes' segments come and go
+            loader.loader.worker_init_fn = functools.partial(_note_pid, loader.loader.worker_init_fn, pids)
         batches[workers] = [(images.clone(), tokens.clone()) for images, tokens in loader]
         del loader
     gc.collect()
     assert len(batches[1]) == len(batches[0]) == 3
     for (a, ta), (b, tb) in zip(batches[0], batches[1], strict=True):
         assert torch.equal(a, b) and torch.equal(ta, tb)
-    if shm.is_dir():
-        assert set(shm.iterdir()) <= before
+    ours = {str(os.getpid())} | {p.name for p in pids.iterdir()}
+    assert len(ours) == 2  # this process and its worker
+    if shm.is_dir():  # torch names a segment torch_<pid of its maker>_...
+        assert not [p for p in set(shm.iterdir()) - before if p.name.split("_")[1:2] and p.name.split("_")[1] in ours]
+
+
+def _note_pid(init, folder, worker_id):
+    (folder / str(os.getpid())).touch()
+    init(worker_id)
 
 
 def test_read_image_file_reasons(tmp_path):

@@ -87,7 +87,10 @@ def test_accumulation_matches_the_full_batch(tiny):
     results = []
     for batch_size, accum in ((16, 1), (8, 2)):
         probe = GradientsAtStep()
-        Trainer(tiny(*NO_EVAL, f"data.batch_size={batch_size}", f"optim.accum_freq={accum}"), callbacks=[probe]).fit()
+        Trainer(
+            tiny(*NO_EVAL, f"run.name=b{batch_size}", f"data.batch_size={batch_size}", f"optim.accum_freq={accum}"),
+            callbacks=[probe],
+        ).fit()
         results.append(probe)
     full, accumulated = results
     assert accumulated.loss == pytest.approx(full.loss, rel=1e-6)
