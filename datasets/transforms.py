@@ -122,7 +122,6 @@ def check_augment(
     re_prob: float | None = None,
     re_count: int | None = None,
     use_timm: bool = False,
-    **_: Any,
 ) -> None:
     """Raise ``ValueError`` for ``data.augment`` values out of range or options that do not go together
     (``load_config`` checks them with this, ``image_transform`` too: no transform is built just to find out)."""

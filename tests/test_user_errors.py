@@ -8,10 +8,10 @@ import sys
 import pytest
 
 from cadenza.engine.errors import ConfigError, DataError
-from cadenza.train.config import load_config
 from cadenza.train.trainer import Trainer
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT
+from .test_config import _error
 
 FAST = ("data.val=null", "data.train.num_samples=16", "data.batch_size=8", "run.log_interval=2ba")
 
@@ -32,13 +32,8 @@ FAST = ("data.val=null", "data.train.num_samples=16", "data.batch_size=8", "run.
     ],
 )
 def test_config_mistakes_name_the_key(tmp_path, yaml, overrides, key, hint):
-    path = TINY
-    if yaml is not None:
-        path = tmp_path / "bad.yaml"
-        path.write_text(yaml)
-    with pytest.raises(ConfigError) as info:
-        load_config(path, list(overrides))
-    assert info.value.key == key and hint in str(info.value)
+    error = _error(tmp_path, *overrides, yaml=yaml)
+    assert error.key == key and hint in str(error)
 
 
 def test_the_cli_says_it_in_one_line_with_exit_2(tmp_path):
