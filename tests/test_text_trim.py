@@ -59,7 +59,11 @@ def test_trimmed_captions_give_the_same_embeddings_and_gradients(name):
     torch.testing.assert_close(cut_features, full_features, rtol=1e-5, atol=1e-6)
     assert full_grads.keys() == cut_grads.keys()
     for key, grad in full_grads.items():
-        torch.testing.assert_close(cut_grads[key], grad, rtol=1e-4, atol=1e-7, msg=key)
+        # Sums over the batch and positions cancel: an entry near zero keeps the rounding of the tensor's large ones,
+        # which differs with the matmul's shape (77 or 16 positions) and the CPU's kernels (AVX2 or AVX-512). So the
+        # tolerance is relative to the tensor's scale; a wrong position or token would be off by that scale itself.
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(cut_grads[key], grad, rtol=1e-4, atol=1e-6 * scale, msg=key)
     # the positions never reached get no gradient either way
     assert not full_grads["positional_embedding"][16:].any()
 
