@@ -27,10 +27,15 @@ CLASSES = list(COLORS)  # label order
 ORANGE = (255, 128, 0)  # nearest yellow (0.949), then red (0.894): a miss at top-1, a hit at top-5
 
 
-def png(rgb: tuple[int, int, int], size: int = 8) -> bytes:
+def image_bytes(pixels: np.ndarray) -> bytes:
+    """``(H, W, 3)`` uint8 pixels as a PNG file."""
     buffer = io.BytesIO()
-    Image.fromarray(np.full((size, size, 3), rgb, np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def png(rgb: tuple[int, int, int], size: int = 8) -> bytes:
+    return image_bytes(np.full((size, size, 3), rgb, np.uint8))
 
 
 #: the labelled set every classification format holds: (color of the image, its label)
@@ -93,7 +98,9 @@ def image_folder(root: Path) -> Path:
     return root
 
 
-def wds_set(root: Path, samples: list[tuple[bytes, object]], member: str, per_shard: int = 3, meta: dict | None = None) -> Path:
+def wds_set(
+    root: Path, samples: list[tuple[bytes, object]], member: str, per_shard: int = 3, meta: dict | None = None
+) -> Path:
     """CLIP_benchmark's layout, written as ``clip_benchmark.webdataset_builder`` writes it: ``root/test/{0..n}.tar``
     of ``s%07d.png`` + ``.cls`` (or ``.txt``: captions one a line), ``nshards.txt``, and ``meta`` files beside."""
     import webdataset

@@ -112,6 +112,7 @@ class SuiteEvaluator(Callback):
         self.run_dir, self.model_name = run_dir, model_name
         self.results: dict[str, Any] | None = None  # of the last evaluation
         self.markdown = ""
+        self.written: Path | None = None  # the last table's files, without their suffixes
 
     def eval_start(self, state: State, logger: Logger) -> None:
         # At EVAL_START, after the algorithms: the weights evaluated are in the model (EMA's with evaluate_with_ema).
@@ -119,7 +120,7 @@ class SuiteEvaluator(Callback):
 
     def eval_end(self, state: State, logger: Logger) -> None:
         ts = state.timestamp
-        results = {"step": ts.batch, "epoch": ts.epoch, "model": self.model_name, **self._scores}
+        results = {"step": ts.batch, "epoch": ts.epoch, "model": self._model_label(state), **self._scores}
         self.results, self.markdown = results, results_markdown(results)
         metrics = logged_metrics(results)
         state.eval_metrics.update(metrics)
@@ -130,7 +131,16 @@ class SuiteEvaluator(Callback):
             stem = folder / f"ep{ts.epoch}-ba{ts.batch}"
             stem.with_suffix(".md").write_text(self.markdown)
             stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+            self.written = stem
             log.info("evaluation suite at step %d (%s.md / .json):\n%s", ts.batch, stem, self.markdown)
+
+    def _model_label(self, state: State) -> str:
+        """The architecture, and where its weights came from."""
+        cfg = state.config
+        if cfg is None:
+            return self.model_name
+        source = cfg.checkpoint.resume or cfg.model.pretrained
+        return f"{cfg.model.name} ({source})" if source else cfg.model.name
 
     @torch.no_grad()
     def evaluate(self, state: State) -> dict[str, Any]:
