@@ -177,3 +177,19 @@ def csv_captions(root: Path) -> Path:
 def wds_retrieval(root: Path) -> Path:
     samples = [(png(rgb), "\n".join(captions)) for rgb, captions in CAPTIONED]
     return wds_set(root, samples, "txt", meta={"dataset_type.txt": "retrieval\n"})
+
+
+def suite_over_processes(root: Path) -> Path:
+    """A suite of an image folder of 7 images (uneven over 2 processes), a CLIP_benchmark set and a Karpathy set."""
+    image_folder(root / "folder")
+    next((root / "folder" / "red").iterdir()).unlink()
+    wds_classification(root / "wds")
+    karpathy(root / "karpathy")
+    suite = root / "suite.yaml"
+    suite.write_text(
+        f"root: {root}\ntasks:\n"
+        "  colors: {type: classification, path: folder}\n"
+        "  wds: {type: classification, path: wds, metrics: [top1, top5, mean_per_class_recall]}\n"
+        "  captions: {type: retrieval, path: karpathy/dataset.json}\n"
+    )
+    return suite

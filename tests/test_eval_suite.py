@@ -1,14 +1,13 @@
 """The evaluation suite (``eval.tasks``, ``composer eval --tasks``): every format against hand-computed numbers, the
-retrieval metric, bad definitions stopped before the model, logging during training, 2 processes against one, and
-LAION's CLIP_benchmark on the same model and data."""
+retrieval metric, bad definitions stopped before the model, logging during training, and LAION's CLIP_benchmark on
+the same model and data. Two processes against one: ``test_distributed.py`` (the distributed evaluation test runs a
+suite beside ``data.val``)."""
 
 from __future__ import annotations
 
 import json
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -244,42 +243,6 @@ def test_tasks_are_scored_at_the_eval_interval_and_logged_everywhere(tiny, tmp_p
     events = EventAccumulator(str(trainer.run_dir / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("val/suite-average")] == [2, 4]
-
-
-# -- two processes -------------------------------------------------------------------------------------------------
-def test_two_processes_give_one_process_numbers(tmp_path):
-    root = tmp_path / "data"
-    data.image_folder(root / "folder")
-    next((root / "folder" / "red").iterdir()).unlink()  # 7 images: uneven over 2 processes
-    data.karpathy(root / "karpathy")
-    data.wds_classification(root / "wds")
-    suite = tmp_path / "suite.yaml"
-    suite.write_text(
-        f"root: {root}\ntasks:\n"
-        "  colors: {type: classification, path: folder}\n"
-        "  wds: {type: classification, path: wds, metrics: [top1, top5, mean_per_class_recall]}\n"
-        "  captions: {type: retrieval, path: karpathy/dataset.json}\n"
-    )
-    common = [str(suite), "tiny-vit", "run.device=cpu", "data.batch_size=2", "data.workers=0"]
-    command = [sys.executable, "-m", "cadenza.train.cli", "-n", "2", "eval", "--tasks", *common]
-    two = subprocess.run(
-        [*command, f"run.logs={tmp_path / 'two'}", "run.name=two"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    assert two.stdout.count("| colors |") == 1  # the table is printed once, by rank 0
-    assert evaluate.main(["--tasks", *common, f"run.logs={tmp_path / 'one'}", "run.name=one"]) == 0
-    one, two = (json.loads((tmp_path / n / n / "results" / "ep0-ba0.json").read_text()) for n in ("one", "two"))
-    assert one["tasks"].keys() == two["tasks"].keys()
-    for name, task in one["tasks"].items():
-        counts = ("images", "skipped", "classes", "captions")
-        assert {k: two["tasks"][name].get(k) for k in counts} == {k: task.get(k) for k in counts}, name
-        assert two["tasks"][name]["metrics"] == pytest.approx(task["metrics"]), name
-    assert one["tasks"]["colors"]["images"] == 7
-    assert two["average"] == pytest.approx(one["average"])
 
 
 # -- against LAION's CLIP_benchmark --------------------------------------------------------------------------------

@@ -172,10 +172,11 @@ class SuiteEvaluator(Callback):
 
     def _loader(self, task: Task) -> DataLoader:
         rank, world = dist.get_rank(), dist.get_world_size()
+        mine = range(rank, len(task.images), world)
         return DataLoader(
-            Subset(TaskImages(task, self.transform), range(rank, len(task.images), world)),
+            Subset(TaskImages(task, self.transform), mine),
             batch_size=self.batch_size,
-            num_workers=self.workers,
+            num_workers=min(self.workers, -(-len(mine) // self.batch_size)),  # no more workers than batches
             collate_fn=collate,
             generator=torch.Generator(),  # never draws from the training RNG
         )
