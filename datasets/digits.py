@@ -112,7 +112,9 @@ def build(
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{index:04d}.png").write_bytes(to_png(digits.images[index], size))
         sentences = [{"raw": caption(label, str(t))} for t in rng.choice(TEMPLATES, size=5, replace=False)]
-        images.append({"filepath": f"test/{label}", "filename": f"{index:04d}.png", "split": "test", "sentences": sentences})
+        images.append(
+            {"filepath": f"test/{label}", "filename": f"{index:04d}.png", "split": "test", "sentences": sentences}
+        )
     (out / "test_captions.json").write_text(json.dumps({"images": images, "dataset": "digits"}))
     return {"train_images": len(train), "train_samples": report.samples, "test_images": len(test)}
 

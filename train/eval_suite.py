@@ -349,8 +349,6 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-
-
 def build_suite(
     tasks: list[Task],
     model: torch.nn.Module,
