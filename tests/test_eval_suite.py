@@ -214,6 +214,12 @@ def test_a_bad_suite_stops_composer_eval_before_the_model_is_built(tmp_path, mon
     assert "config key 'eval.tasks.cifar.classnames': missing" in capsys.readouterr().err
     assert evaluate.main(["--tasks", str(suite), "tiny-vitt"]) == 2
     assert "Did you mean 'tiny-vit'" in capsys.readouterr().err
+    weights = tmp_path / "openclip.pt"
+    torch.save({"visual.proj": torch.zeros(2)}, weights)  # OpenCLIP weights: no architecture, no stored config
+    assert evaluate.main(["--tasks", str(suite), str(weights)]) == 2
+    assert "is not a Cadenza checkpoint (it stores no config). For OpenCLIP weights" in capsys.readouterr().err
+    assert evaluate.main([str(ROOT / "yamls" / "tiny.yaml"), "eval.data_root=/data"]) == 2
+    assert "'eval.data_root': only applies to eval.tasks" in capsys.readouterr().err
 
 
 # -- during training ----------------------------------------------------------------------------------------------

@@ -371,6 +371,8 @@ def _check_values(cfg: DictConfig) -> None:
 def _check_tasks(cfg: DictConfig) -> None:
     """``eval.tasks``: the definitions (their data is checked when the trainer starts, before the model)."""
     tasks = cfg.eval.tasks
+    if tasks is None and cfg.eval.data_root is not None:
+        raise ConfigError("eval.data_root", "only applies to eval.tasks, which is unset; set it or remove data_root.")
     if tasks is not None and not isinstance(tasks, str) and not OmegaConf.is_dict(tasks):
         raise ConfigError("eval.tasks", f"expected a suite file or a mapping of task names to tasks, got {tasks!r}.")
     names = [spec.name for spec in parse_tasks(tasks, cfg.eval.data_root)]
