@@ -77,13 +77,15 @@ def retrieval_recall(
             length = min(chunk_size, source_images - start)
             keys = _send(images[start : start + length] if source == rank else None, source, length, images)
             key_ids = torch.arange(start_image + start, start_image + start + length, device=device)
-            _count_above(texts, text_target, own_image, keys, key_ids, text_above, chunk_size)
+            _count_above(texts, text_target, own_image, keys, key_ids, text_above, chunk_size, consecutive_keys=True)
         for start in range(0, source_texts, chunk_size):
             length = min(chunk_size, source_texts - start)
             mine = slice(start, start + length)
             keys = _send(texts[mine] if source == rank else None, source, length, texts)
             key_owner = _send(own_image[mine] if source == rank else None, source, length, own_image)
-            _count_above(images, image_target, image_ids, keys, key_owner, image_above, chunk_size)
+            _count_above(
+                images, image_target, image_ids, keys, key_owner, image_above, chunk_size, consecutive_keys=False
+            )
 
     hits = torch.tensor(
         [[int((image_above < k).sum()), int((text_above < k).sum())] for k in ks] + [[len(images), len(texts)]],
@@ -131,11 +133,25 @@ def _count_above(
     key_ids: torch.Tensor,
     above: torch.Tensor,
     chunk_size: int,
+    consecutive_keys: bool,
 ) -> None:
     """Add to ``above`` the keys scoring above each query's target (by more than ``TIE``), except the query's own
-    (equal ids)."""
+    (equal ids). ``consecutive_keys``: the key ids count up by one (image keys); else the query ids do (images
+    asking for captions), so a query's own keys are found by subtracting ids, not by comparing every pair."""
     for start in range(0, len(queries), chunk_size):
         chunk = slice(start, start + chunk_size)
         scores = queries[chunk] @ keys.T  # (C, K)
-        own = query_ids[chunk, None] == key_ids[None, :]  # (C, K)
-        above[chunk] += ((scores > targets[chunk, None] + TIE) & ~own).sum(dim=1)
+        threshold = targets[chunk] + TIE  # (C,)
+        counts = (scores > threshold[:, None]).sum(dim=1)  # (C,)
+        # the query's own keys are in that count when they scored above the threshold: take them out again
+        ids = query_ids[chunk]
+        if consecutive_keys:  # a caption's own image: one column
+            column = ids - key_ids[0] if len(key_ids) else ids[:0]
+            rows = torch.nonzero((column >= 0) & (column < len(keys))).squeeze(1)
+            columns = column[rows]
+        else:  # an image's own captions: each key's owner is one row
+            row = key_ids - ids[0] if len(ids) else key_ids[:0]
+            columns = torch.nonzero((row >= 0) & (row < len(ids))).squeeze(1)
+            rows = row[columns]
+        own = (scores[rows, columns] > threshold[rows]).long()
+        above[chunk] += counts - torch.zeros_like(counts).index_add_(0, rows, own)

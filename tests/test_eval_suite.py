@@ -70,6 +70,19 @@ def test_retrieval_recall_counts_every_caption_of_an_image_and_does_not_depend_o
     assert 0 < whole["image_to_text_R@1"] < whole["image_to_text_R@10"] <= 1  # not a trivial case
 
 
+def test_a_querys_own_rows_are_never_counted_above_it():
+    from cadenza.engine.retrieval import _count_above
+
+    # every score (0 or 1) is above a target of -1: each query counts every key but its own
+    above = torch.zeros(3, dtype=torch.long)  # captions 0, 1, 2 of images 0, 1, 2 against the 3 images
+    _count_above(torch.eye(3), torch.full((3,), -1.0), torch.arange(3), torch.eye(3), torch.arange(3), above, 2, True)
+    assert above.tolist() == [2, 2, 2]
+    above = torch.zeros(3, dtype=torch.long)  # images 10, 11, 12 against captions of images 10, 10, 12
+    queries, owners = torch.eye(3), torch.tensor([10, 10, 12])
+    _count_above(queries, torch.full((3,), -1.0), torch.arange(10, 13), torch.eye(3), owners, above, 2, False)
+    assert above.tolist() == [1, 3, 2]
+
+
 # -- every format ----------------------------------------------------------------------------------------------------
 def test_every_format_gives_the_hand_computed_numbers(tmp_path):
     data.image_folder(tmp_path / "folder")
