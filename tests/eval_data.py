@@ -188,7 +188,7 @@ def suite_over_processes(root: Path) -> Path:
     suite = root / "suite.yaml"
     suite.write_text(
         f"root: {root}\ntasks:\n"
-        "  colors: {type: classification, path: folder}\n"
+        "  colors: {type: classification, path: folder, templates: ['a {} photo']}\n"
         "  wds: {type: classification, path: wds, metrics: [top1, top5, mean_per_class_recall]}\n"
         "  captions: {type: retrieval, path: karpathy/dataset.json}\n"
     )
