@@ -1,4 +1,5 @@
 # make quickstart   install, write the digits data set, then train a small CLIP on it on CPU and score it zero-shot
+#                   (then the evaluation suite yamls/eval/digits.yaml: classification and retrieval, one table)
 # make test         install, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,6 +26,7 @@ test: install
 quickstart: install
 	$(BIN)/python -m cadenza.datasets.digits --out data/digits
 	OMP_NUM_THREADS=1 $(BIN)/composer yamls/quickstart.yaml
+	OMP_NUM_THREADS=1 $(BIN)/composer eval --tasks yamls/eval/digits.yaml logs/quickstart/checkpoints/epoch_latest.pt
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -12,6 +12,8 @@ This splits them (seeded, stratified) into a training set and a held-out test se
                           ``pil``, 1 KB each): decoding a 32 px PNG took about a sixth of
                           the loader's time
     <out>/test/<d>/*.png  the held-out split as an image folder, for ``eval.zero_shot``
+    <out>/test_captions.json  the held-out images with 5 captions each, in Karpathy's split format
+                          (image–text retrieval in ``yamls/eval/digits.yaml``)
 
 Captions vary so that the contrastive task is not one fixed sentence per class: several phrasings,
 the digit as a word or a numeral ("a handwritten digit seven", "the number 7 written by hand", ...).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import shutil
 import sys
@@ -102,11 +105,17 @@ def build(
     report = convert(
         items(), str(out / "mds"), columns, total=len(train) * captions, progress=progress, source="scikit-learn digits"
     )
+    images = []
     for index in test:
         label = int(digits.target[index])
         folder = out / "test" / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{index:04d}.png").write_bytes(to_png(digits.images[index], size))
+        sentences = [{"raw": caption(label, str(t))} for t in rng.choice(TEMPLATES, size=5, replace=False)]
+        images.append(
+            {"filepath": f"test/{label}", "filename": f"{index:04d}.png", "split": "test", "sentences": sentences}
+        )
+    (out / "test_captions.json").write_text(json.dumps({"images": images, "dataset": "digits"}))
     return {"train_images": len(train), "train_samples": report.samples, "test_images": len(test)}
 
 

@@ -16,6 +16,7 @@ import torch
 from cadenza.engine.dist import first_host, setup_slurm_env
 
 from .conftest import ROOT, TINY
+from .eval_data import suite_over_processes
 
 WORKER = ROOT / "tests" / "dist_worker.py"
 COMMON = ("data.val=null", "optim.grad_clip_norm=null", "optim.warmup=0ba", "data.train.num_samples=128")
@@ -191,11 +192,16 @@ def test_resume_on_another_number_of_processes(tmp_path, first, second):
 
 
 def test_distributed_evaluation_equals_single_process(tmp_path):
-    overrides = ("data.train=null", "data.val.num_samples=50", "data.batch_size=8")  # 50: uneven over 2 ranks
+    suite = suite_over_processes(tmp_path / "suite")  # eval.tasks too: its images split unevenly over the ranks
+    overrides = ("data.train=null", "data.val.num_samples=50", "data.batch_size=8", f"eval.tasks={suite}")  # 50: uneven
     for nproc in (1, 2):
         torchrun(nproc, "fit", tmp_path / str(nproc), *overrides, f"run.logs={tmp_path / str(nproc)}")
-    rows = [json.loads((tmp_path / str(n) / "tiny" / "metrics.jsonl").read_text().splitlines()[-1]) for n in (1, 2)]
+    logs = [(tmp_path / str(n) / "tiny" / "metrics.jsonl").read_text().splitlines() for n in (1, 2)]
+    rows = [{k: v for line in lines for k, v in json.loads(line).items()} for lines in logs]  # one row per evaluator
     assert rows[0]["val/num_samples"] == rows[1]["val/num_samples"] == 50
+    assert "val/suite-average" in rows[0] and "val/captions-text_to_image_R@10" in rows[0]
+    tables = [json.loads((tmp_path / str(n) / "tiny" / "results" / "ep0-ba0.json").read_text()) for n in (1, 2)]
+    assert [t["tasks"]["colors"]["images"] for t in tables] == [7, 7]
     for key, value in rows[0].items():
         assert rows[1][key] == pytest.approx(value, rel=1e-5), key
 

@@ -18,6 +18,7 @@ from cadenza.train.config import load_config
 
 from .algorithm_settings import ALGORITHM_SETTINGS
 from .conftest import ROOT, TINY
+from .eval_data import suite_over_processes
 from .test_distributed import COMMON, torchrun
 from .test_zero_shot import image_folder
 
@@ -111,11 +112,12 @@ def test_sharded_checkpoint_resumes_with_and_without_fsdp(tmp_path):
 
 
 def test_fsdp_evaluation_of_uneven_shards_equals_one_process(tmp_path):
-    """Validation (49 samples) and zero-shot (9 images) split unevenly over 2 ranks, which then run different
+    """Validation (49 samples), zero-shot (9 images) and a suite split unevenly over 2 ranks, which then run different
     numbers of forward passes; after 2 steps with EMA (evaluated on the average) the metrics equal 1 process's."""
     folder = image_folder(tmp_path / "images")
     common = (*CLIP, "data.val.num_samples=49", "data.train.num_samples=64", "run.duration=2ba", "optim.warmup=0ba")
     common += ("algorithms.ema.decay=0.5", f"eval.zero_shot.path={folder}", "eval.zero_shot.templates=simple")
+    common += (f"eval.tasks={suite_over_processes(tmp_path / 'suite')}",)  # an evaluation suite, uneven too
     torchrun(2, "fit", tmp_path / "two", *common, FSDP, "data.batch_size=4", f"run.logs={tmp_path}/two")
     torchrun(1, "fit", tmp_path / "one", *common, "data.batch_size=8", f"run.logs={tmp_path}/one")
     metrics = []
@@ -123,6 +125,7 @@ def test_fsdp_evaluation_of_uneven_shards_equals_one_process(tmp_path):
         rows = [json.loads(line) for line in (tmp_path / name / "tiny" / "metrics.jsonl").read_text().splitlines()]
         metrics.append({k: v for row in rows for k, v in row.items() if k.startswith("val/")})
     assert metrics[0]["val/num_samples"] == 49 and "val/imagenet-zeroshot-val-top1" in metrics[0]
+    assert "val/suite-average" in metrics[0]
     assert metrics[0].keys() == metrics[1].keys()
     for key, value in metrics[1].items():
         assert metrics[0][key] == pytest.approx(value, rel=1e-4), key

@@ -28,7 +28,7 @@ def test_captions_vary_and_name_the_digit():
     assert all(WORDS[7] in c or "7" in c for c in captions)
 
 
-def test_quickstart_pipeline_runs_end_to_end(tmp_path):
+def test_quickstart_pipeline_runs_end_to_end(tmp_path, capsys):
     data = tmp_path / "digits"
     subprocess.run(
         [sys.executable, "-m", "cadenza.datasets.digits", "--out", str(data), "--captions", "1"], check=True, cwd=ROOT
@@ -53,6 +53,14 @@ def test_quickstart_pipeline_runs_end_to_end(tmp_path):
     assert [r["step"] for r in scores] == [2, 3]
     assert all(0.0 <= r["val/digits-zeroshot-val-top1"] <= 1.0 for r in scores)
     assert [r["data/skipped"] for r in rows if "data/skipped" in r] == [0, 0, 0]
+
+    # then the suite of make quickstart's last step: the held-out digits classified and retrieved, one table
+    checkpoint = tmp_path / "logs" / "quickstart" / "checkpoints" / "epoch_latest.pt"
+    suite = ["eval", "--tasks", str(ROOT / "yamls" / "eval" / "digits.yaml"), str(checkpoint)]
+    capsys.readouterr()
+    assert composer([*suite, f"run.logs={tmp_path / 'logs'}", f"eval.data_root={data}", "data.workers=0"]) == 0
+    table = capsys.readouterr().out
+    assert "| digits | 359 | 10 |" in table and "| digits-captions | 359 | 1795 |" in table and "Suite average" in table
 
 
 def test_quickstart_config_reads_the_digits_through_streaming():

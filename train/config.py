@@ -26,6 +26,7 @@ from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, LO
 from cadenza.engine.time import Time, TimeUnit
 from cadenza.models.factory import get_model_config, list_models
 from cadenza.models.losses import LOSS_MODEL_TYPES
+from cadenza.train.eval_tasks import parse_tasks
 
 PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16", "fp16")
 SCHEDULERS = ("cosine", "const", "const-cooldown")
@@ -129,8 +130,10 @@ class ZeroShotConfig:
 
 @dataclass
 class EvalConfig:
-    interval: str = "1ep"  # evaluate data.val and zero_shot this often (and at the end)
+    interval: str = "1ep"  # evaluate data.val, zero_shot and tasks this often (and at the end)
     zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    tasks: Any = None  # an evaluation suite: a file (yamls/eval/*.yaml) or a mapping of tasks (train/eval_tasks.py)
+    data_root: str | None = None  # where the tasks' relative paths start; default: the suite's root
 
 
 @dataclass
@@ -158,9 +161,11 @@ class CadenzaConfig:
 
 
 # -- loading -----------------------------------------------------------------------------------------
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Read a YAML file, apply ``key=value`` overrides, and validate. Raises ``ConfigError``."""
-    user = OmegaConf.create()
+def load_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), base: dict[str, Any] | None = None
+) -> DictConfig:
+    """Read a YAML file (or start from ``base``), apply ``key=value`` overrides, and validate. Raises ``ConfigError``."""
+    user = OmegaConf.create(base or {})
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -344,10 +349,12 @@ def _check_values(cfg: DictConfig) -> None:
         check_augment(**OmegaConf.to_container(cfg.data.augment))
     except (TypeError, ValueError) as error:
         raise ConfigError("data.augment", str(error)) from error
-    if cfg.data.train is None and cfg.data.val is None and cfg.eval.zero_shot.path is None:
+    if cfg.data.train is None and cfg.data.val is None and cfg.eval.zero_shot.path is None and cfg.eval.tasks is None:
         raise ConfigError(
-            "data.train", "nothing to do: set data.train (to train), or data.val or eval.zero_shot.path (to evaluate)."
+            "data.train",
+            "nothing to do: set data.train (to train), or data.val, eval.zero_shot.path or eval.tasks (to evaluate).",
         )
+    _check_tasks(cfg)
     templates = cfg.eval.zero_shot.templates
     if templates is not None:
         if not isinstance(templates, str) and not OmegaConf.is_list(templates):
@@ -359,6 +366,21 @@ def _check_values(cfg: DictConfig) -> None:
     ):
         for name, args in cfg[section].items():
             registry.check_args(name, OmegaConf.to_container(args), f"{section}.{name}", runtime=runtime)
+
+
+def _check_tasks(cfg: DictConfig) -> None:
+    """``eval.tasks``: the definitions (their data is checked when the trainer starts, before the model)."""
+    tasks = cfg.eval.tasks
+    if tasks is None and cfg.eval.data_root is not None:
+        raise ConfigError("eval.data_root", "only applies to eval.tasks, which is unset; set it or remove data_root.")
+    if tasks is not None and not isinstance(tasks, str) and not OmegaConf.is_dict(tasks):
+        raise ConfigError("eval.tasks", f"expected a suite file or a mapping of task names to tasks, got {tasks!r}.")
+    names = [spec.name for spec in parse_tasks(tasks, cfg.eval.data_root)]
+    if cfg.eval.zero_shot.path is not None and cfg.eval.zero_shot.name in names:
+        raise ConfigError(
+            f"eval.tasks.{cfg.eval.zero_shot.name}",
+            "has the name of eval.zero_shot, whose metrics it would overwrite; rename one of them.",
+        )
 
 
 def _check_finite(node: dict[str, Any], prefix: str) -> None:

@@ -39,6 +39,8 @@ from cadenza.engine.time import Time
 from cadenza.models.losses import LOSS_MODEL_INIT
 from cadenza.models.tokenizer import get_tokenizer
 from cadenza.train.config import listed, loss_arguments, to_yaml
+from cadenza.train.eval_suite import build_suite
+from cadenza.train.eval_tasks import load_tasks
 from cadenza.train.run_folder import RunFolderLock, claim_checkpoints
 from cadenza.train.zero_shot import build_zero_shot, load_templates
 
@@ -85,6 +87,7 @@ class Trainer:
         loss_fn = LOSSES.build(cfg.loss.name, loss_arguments(cfg.loss), "loss")
         algorithms = [ALGORITHMS.build(n, a, f"algorithms.{n}") for n, a in cfg.algorithms.items()]
         self.templates = load_templates(listed(cfg.eval.zero_shot.templates))
+        self.tasks = load_tasks(cfg.eval.tasks, cfg.eval.data_root)  # scans their data: a bad task stops here
 
         # Process and device next: everything after may allocate on the device.
         info = dist.dist_info_from_env()
@@ -131,7 +134,7 @@ class Trainer:
         state.train_loader, state.eval_loader = train_loader, eval_loader
         state.accum_freq = cfg.optim.accum_freq
         state.samples_per_batch = cfg.data.batch_size * cfg.optim.accum_freq * info.world_size
-        self.evaluates = eval_loader is not None or cfg.eval.zero_shot.path is not None
+        self.evaluates = eval_loader is not None or cfg.eval.zero_shot.path is not None or bool(self.tasks)
         self.eval_every = 0  # steps between evaluations (time strings are parsed here, not in the loop)
         if train_loader is not None:
             self._set_durations(state)
@@ -281,6 +284,11 @@ class Trainer:
         )
         if zero_shot is not None:
             callbacks.append(zero_shot)
+        suite = build_suite(
+            self.tasks, state.model, cfg.model.name, cfg.data.batch_size, cfg.data.workers, self.run_dir, self.trim_text
+        )
+        if suite is not None:
+            callbacks.append(suite)
         return callbacks
 
     def _build_callback(self, name: str, args: DictConfig):
