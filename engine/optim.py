@@ -14,9 +14,17 @@ def excluded_from_weight_decay(name: str, param: torch.Tensor) -> bool:
     """OpenCLIP 3.3.0's rule: no decay for gains, biases and the temperature.
 
     A parameter is exempt when it has fewer than 2 dims or its name contains ``bn``, ``ln``, ``bias`` or
-    ``logit_scale``. Token and positional embeddings are decayed (as in 3.3.0).
+    ``logit_scale``. Token and positional embeddings are decayed (as in 3.3.0). A ViT's class token is exempt: OpenCLIP
+    holds it as a 1-dim ``class_embedding``, timm as a ``(1, 1, D)`` ``cls_token``.
     """
-    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+    return (
+        param.ndim < 2
+        or "bn" in name
+        or "ln" in name
+        or "bias" in name
+        or "logit_scale" in name
+        or name.endswith("cls_token")
+    )
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -203,7 +203,7 @@ class MergeKwargs(argparse.Action):
     """``--aug-cfg k=v ...``: values read as Python literals (strings otherwise), merged over repeated flags."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        merged = dict(getattr(namespace, self.dest) or {})
+        merged = dict(getattr(namespace, self.dest, None) or {})
         for item in values:
             key, sep, text = item.partition("=")
             if not sep or not key:

@@ -362,6 +362,12 @@ class Trainer:
             resume_openclip(self.state, checkpoint, path)
             self.engine.run_event(Event.AFTER_LOAD)
             return
+        if not isinstance(checkpoint, dict) or "timestamp" not in checkpoint:
+            raise ConfigError(
+                "checkpoint.resume",
+                f"'{path}' is not a training checkpoint (Cadenza's, or open_clip_train's epoch_K.pt): to start from its "
+                "weights, pass it as model.pretrained (--pretrained).",
+            )
         self._check_fits(checkpoint, path)
         self.lineage = checkpoint.get("lineage")  # checkpoints from before lineages have none; carried on as such
         for callback in self.state.callbacks:
