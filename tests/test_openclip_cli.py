@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -989,7 +990,7 @@ def test_csv_image_paths_are_read_from_the_working_directory(twin):
     assert all(row["data/skipped"] == 0 for row in metric_rows(twin["ours"], "data/skipped"))
 
 
-def test_checkpoints_carry_open_clips_names_and_resume_from_its_epoch_files(twin, data, capsys):
+def test_checkpoints_carry_open_clips_names_and_resume_from_its_epoch_files(twin, data, tmp_path, capsys):
     """Item 6: OpenCLIP's ``epoch_K.pt`` names are written, and an OpenCLIP ``epoch_1.pt`` resumes here as in
     OpenCLIP: the next epochs' losses and LRs are OpenCLIP's, and so are the final weights. A bare weights file is
     refused in one line pointing at --pretrained."""
@@ -1016,6 +1017,15 @@ def test_checkpoints_carry_open_clips_names_and_resume_from_its_epoch_files(twin
             third = len(value) // 3  # scales up to the learning rate; the two attention kernels round differently
             ours, value = torch.cat([ours[:third], ours[2 * third :]]), torch.cat([value[:third], value[2 * third :]])
         torch.testing.assert_close(ours, value, rtol=1e-3, atol=1e-5, msg=key)
+    # --resume latest in a folder OpenCLIP wrote: its newest epoch_K.pt (here the last: nothing left to train)
+    shutil.copytree(twin["theirs"] / "checkpoints", tmp_path / "copied" / "checkpoints")
+    latest = {"--name": "copied", "--logs": str(tmp_path), "--resume": "latest", "--val-data": None}
+    with contextlib.chdir(twin["root"]):
+        run_inprocess(replaced(twin["flags"], latest))
+    assert (
+        f"resumed from OpenCLIP's {tmp_path / 'copied' / 'checkpoints' / 'epoch_3.pt'} at epoch 3"
+        in (tmp_path / "copied" / "out.log").read_text()
+    )
     with contextlib.chdir(twin["root"]):
         assert openclip.main([*twin["flags"], "--name", "bare", "--resume", data["tiny-vit"], *NO_PEAK]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]

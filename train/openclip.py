@@ -319,7 +319,8 @@ def _model(args, problems: list[str]) -> dict[str, Any]:
         name, overrides, pretrained = found.name, dict(found.overrides), str(found.weights) if found.weights else None
         if args.pretrained:
             problems.append(
-                f"--pretrained {args.pretrained}: OpenCLIP ignores it with --model {args.model} (the weights come from there); remove it"
+                f"--pretrained {args.pretrained}: OpenCLIP ignores it with --model {args.model} (the weights come "
+                "from there); remove it"
             )
         overrides.update({k: v for k, v in (("image_mean", found.image_mean), ("image_std", found.image_std)) if v})
     if args.force_quick_gelu and not name.endswith("-quickgelu"):
