@@ -3,22 +3,26 @@
 
 Groups follow OpenCLIP: the trunk's own grouping (timm's ``group_matcher``: stem, then each block or
 stage; the final norm joins the last block), then the projection / pooling head as the last group.
-``unlocked_groups: 0`` freezes the whole tower; ``freeze_bn_stats`` also stops BatchNorm statistics
+``unlocked_groups: 0`` freezes the whole tower, and as many groups as the tower has (or more) leave it all trainable,
+as in OpenCLIP (with a warning); ``freeze_bn_stats`` also stops BatchNorm statistics
 from updating in frozen groups (ResNet towers). Runs once, on ``INIT``, before the optimizer is built.
 """
 
 from __future__ import annotations
+
+import logging
 
 from timm.models import group_modules, group_parameters
 from timm.utils import freeze
 from torch import nn
 
 from cadenza.engine.algorithm import Algorithm
-from cadenza.engine.errors import ConfigError
 from cadenza.engine.event import Event
 from cadenza.engine.logger import Logger
 from cadenza.engine.registry import ALGORITHMS
 from cadenza.engine.state import State
+
+log = logging.getLogger("cadenza")
 
 
 def image_tower_groups(visual: nn.Module) -> list[list[str]]:
@@ -36,12 +40,14 @@ def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats
     """Freeze ``model.visual`` except its last ``unlocked_groups`` groups."""
     visual = model.visual
     groups = image_tower_groups(visual)
-    if unlocked_groups > len(groups):
-        raise ConfigError(
-            "algorithms.lock_image.unlocked_groups",
-            f"the image tower has {len(groups)} groups; {unlocked_groups} cannot be left unlocked.",
+    if unlocked_groups >= len(groups):
+        log.warning(
+            "algorithms.lock_image.unlocked_groups=%d: the image tower has %d groups, so all of them train (as in "
+            "OpenCLIP); nothing is locked",
+            unlocked_groups,
+            len(groups),
         )
-    locked = groups[: len(groups) - unlocked_groups]
+    locked = groups[: max(len(groups) - unlocked_groups, 0)]
     params = dict(visual.named_parameters())
     for name in (n for group in locked for n in group):
         params[name].requires_grad_(False)

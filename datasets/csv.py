@@ -3,7 +3,9 @@
 ``data.train: {type: csv, path: /data/train.csv}`` reads a tab-separated file (``csv_separator``) whose
 header names the columns (``csv_img_key: filepath``, ``csv_caption_key: title``), like OpenCLIP's
 ``--csv-separator`` / ``--csv-img-key`` / ``--csv-caption-key``. Relative image paths resolve against the
-CSV's folder. The rows are indexed once, in the main process, into two flat buffers (cheap to share with
+CSV's folder, or against ``image_root`` when it is set (``image_root: .`` is the working directory, OpenCLIP's rule,
+which ``composer openclip`` sets). When the first relative path is missing under the rule in force but present under
+the other one, the dataset stops at once with an error naming both paths. The rows are indexed once, in the main process, into two flat buffers (cheap to share with
 forked workers); images are read and decoded in the DataLoader workers.
 
 Loading goes through ``ResumableLoader`` (``csv`` is registered as ``resumable(CsvDataset)``): a seeded per-epoch
@@ -54,6 +56,8 @@ class CsvDataset(Dataset):
         csv_img_key: the header of the image-path column.
         csv_caption_key: the header of the caption column.
         num_samples: use only the first ``num_samples`` rows (default: all).
+        image_root: the folder relative image paths are read from (``.``: the working directory, as OpenCLIP);
+            default: the CSV's folder.
     """
 
     #: indexed with ``(epoch, row)`` by ``ResumableLoader``, so augmentation is seeded per epoch and row
@@ -67,6 +71,7 @@ class CsvDataset(Dataset):
         csv_img_key: str = "filepath",
         csv_caption_key: str = "title",
         num_samples: int | None = None,
+        image_root: str | None = None,
     ) -> None:
         if len(csv_separator) != 1:
             raise ValueError(f"csv_separator must be one character, got {csv_separator!r}")
@@ -87,7 +92,7 @@ class CsvDataset(Dataset):
                 raise ValueError(f"num_samples={num_samples}, but '{path}' has {len(images)} rows")
             images, captions = images[:num_samples], captions[:num_samples]
             self.malformed = {row: reason for row, reason in self.malformed.items() if row < num_samples}
-        folder = os.path.dirname(os.path.abspath(path))
+        folder = _image_folder(path, image_root, images, self.malformed)
         self.images = StringTable(p if os.path.isabs(p) or not p else os.path.join(folder, p) for p in images)
         self.captions = StringTable(captions)
         if self.malformed:
@@ -126,6 +131,27 @@ class CsvDataset(Dataset):
 
 
 DATASETS.register("csv")(resumable(CsvDataset))
+
+
+def _image_folder(path: str, image_root: str | None, images: list[str], malformed: dict[int, str]) -> str:
+    """The folder relative image paths resolve against; an error naming both candidates when the first relative path
+    is only found under the other rule (the CSV's folder against ``image_root`` or the working directory)."""
+    csv_folder = os.path.dirname(os.path.abspath(path))
+    folder = csv_folder if image_root is None else os.path.abspath(image_root)
+    first = next((row for row, p in enumerate(images) if p and not os.path.isabs(p) and row not in malformed), None)
+    if first is None:
+        return folder
+    relative = images[first]
+    other = os.getcwd() if image_root is None else csv_folder
+    here, there = os.path.join(folder, relative), os.path.join(other, relative)
+    if folder != other and not os.path.exists(here) and os.path.exists(there):
+        rule = "the CSV's folder (image_root unset)" if image_root is None else f"image_root={image_root}"
+        fix = "image_root: . (the working directory, OpenCLIP's rule)" if image_root is None else "image_root unset"
+        raise ValueError(
+            f"'{path}' lists '{relative}' (row {first + 1}), a relative path: {here} (relative to {rule}) does not "
+            f"exist, {there} does. Set {fix}, or write absolute paths."
+        )
+    return folder
 
 
 def _read_rows(

@@ -2,7 +2,8 @@
 
 Train: ``RandomResizedCrop(scale=(0.9, 1.0))`` with bicubic interpolation, RGB, optional color
 jitter / grayscale, tensor, normalize with the model's mean/std. ``use_timm: true`` builds timm's
-``create_transform`` (RandAugment-style options, random erasing ``re_prob``). Val: resize the
+``create_transform`` (RandAugment-style options, random erasing ``re_prob``) as OpenCLIP calls it: colour jitter only
+when ``color_jitter`` is set (timm's own default would add 0.4). Val: resize the
 shortest side (bicubic), center crop, tensor, normalize.
 """
 
@@ -136,6 +137,11 @@ def check_augment(
         if p is not None and not 0 <= p <= 1:
             raise ValueError(f"{name} is a probability in [0, 1], got {p}")
     if use_timm:
+        if color_jitter_prob or gray_scale_prob:
+            raise ValueError(
+                "color_jitter_prob / gray_scale_prob are not used with use_timm: true (OpenCLIP drops them): remove "
+                "them, or set use_timm: false"
+            )
         return
     if re_prob or re_count:
         raise ValueError("re_prob / re_count need use_timm: true (as in OpenCLIP)")
@@ -173,7 +179,7 @@ def image_transform(
     if use_timm:
         from timm.data import create_transform
 
-        options = {"scale": tuple(scale), "ratio": tuple(ratio) if ratio else None, "color_jitter": color_jitter}
+        options = {"scale": tuple(scale), "ratio": tuple(ratio) if ratio else None}
         options.update({"re_prob": re_prob or 0.0, "re_count": re_count or 1})
         return create_transform(
             input_size=(3, image_size, image_size),
@@ -183,6 +189,7 @@ def image_transform(
             std=tuple(std),
             re_mode="pixel",
             interpolation="bicubic",
+            color_jitter=color_jitter,  # None: no jitter, as OpenCLIP (timm's own default is 0.4)
             **{k: v for k, v in options.items() if v is not None},
         )
     steps: list[Callable] = [

@@ -31,8 +31,11 @@ def synchronize(device: torch.device) -> None:
 
 
 class TrainMetrics(Callback):
-    """Every ``interval`` steps: losses, LR, logit scale, throughput and the algorithms' ``state.step_metrics``
-    (``train/grad_norm``) averaged over the window.
+    """Every ``interval`` steps and at each epoch's last step: losses, LR, logit scale, throughput and the algorithms'
+    ``state.step_metrics`` (``train/grad_norm``) averaged over the window.
+
+    ``train/lr`` and ``train/scale`` are the values the logged step used (read before its optimizer step, scheduler
+    step and clamp), as OpenCLIP logs them.
 
     Losses are accumulated on the device without synchronizing; the device is synchronized once per
     window, so samples/s is the real rate over the whole window, not one step's. Time between the end
@@ -95,6 +98,11 @@ class TrainMetrics(Callback):
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         self._paused_at = time.perf_counter()  # runs before the checkpoint saver and any evaluation
 
+    def batch_start(self, state: State, logger: Logger) -> None:
+        # what this step trains with: the scheduler and the clamp change both after its optimizer step
+        self._lr = state.optimizer.param_groups[0]["lr"]
+        self._scale = state.model.logit_scale.detach().exp()  # a device tensor: read at the log, no sync here
+
     def before_dataloader(self, state: State, logger: Logger) -> None:
         self._data_start = time.perf_counter()
         if self._paused_at is not None:
@@ -112,7 +120,8 @@ class TrainMetrics(Callback):
         for name, value in {"loss": state.loss, **state.loss_dict, **state.step_metrics}.items():
             value = value.detach().float()
             self._window_sums[name] = self._window_sums[name] + value if name in self._window_sums else value
-        if state.timestamp.batch % self.interval == 0 or state.is_done:
+        ts = state.timestamp
+        if ts.batch % self.interval == 0 or state.is_done or ts.batch_in_epoch == state.batches_per_epoch:
             self._log(state, logger)
 
     def _log(self, state: State, logger: Logger) -> None:
@@ -121,12 +130,11 @@ class TrainMetrics(Callback):
         if not self._peak:  # after the window's clock stopped; _reset starts the next one after it
             self._peak = peak_flops(state.device, state.precision)
         losses = {name: dist.all_reduce_mean(total / self._steps).item() for name, total in self._window_sums.items()}
-        model = state.model
         metrics = {f"train/{name}": value for name, value in losses.items()}
         metrics.update(
             {
-                "train/lr": state.optimizer.param_groups[0]["lr"],
-                "train/logit_scale": model.logit_scale.exp().item(),
+                "train/lr": self._lr,
+                "train/scale": self._scale.item(),
                 "train/samples_per_second": self._samples / elapsed,
                 "train/samples_per_second_per_gpu": self._samples / elapsed / state.dist.world_size,
                 "train/mfu": dist.all_reduce_mean(
@@ -164,10 +172,15 @@ class TrainMetrics(Callback):
 
 
 class RetrievalEvaluator(Callback):
-    """Validation contrastive loss and image↔text retrieval (mean/median rank, R@1/5/10) on ``data.val``.
+    """Validation loss and image↔text retrieval (mean/median rank, R@1/5/10) on ``data.val``, as OpenCLIP's
+    ``evaluate``.
 
-    Features of every process are gathered; ranks are computed in chunks of ``chunk_size`` rows, so
-    memory grows with N·chunk, not N².
+    ``val/clip_val_loss`` is OpenCLIP's: each evaluation batch's in-batch contrastive loss, averaged over the batches
+    weighted by their sizes (so it depends on ``data.batch_size``; several processes each score their own batches).
+    ``val/clip_val_loss_whole_set`` is the contrastive loss of every image against every caption of the set. Features
+    of every process are gathered for it and for the ranks, computed in chunks of ``chunk_size`` rows, so memory grows
+    with N·chunk, not N². CoCa models also give OpenCLIP's ``val/val_generative_loss`` (averaged the same way).
+    ``val/epoch`` is the number of epochs trained, as OpenCLIP writes it.
     """
 
     def __init__(self, chunk_size: int = 1024) -> None:
@@ -177,18 +190,41 @@ class RetrievalEvaluator(Callback):
         self._images: list[torch.Tensor] = []
         self._texts: list[torch.Tensor] = []
         self._scale = state.model.logit_scale.exp().item()  # the evaluated weights' (EMA swaps back at EVAL_END)
+        self._sums = torch.zeros(3, dtype=torch.float64)  # batch losses x sizes, generative losses x sizes, samples
 
     def eval_batch_end(self, state: State, logger: Logger) -> None:
-        self._images.append(state.outputs["image_features"].float().cpu())
-        self._texts.append(state.outputs["text_features"].float().cpu())
+        images, texts = state.outputs["image_features"].float(), state.outputs["text_features"].float()
+        self._images.append(images.cpu())
+        self._texts.append(texts.cpu())
+        logits = self._scale * images @ texts.T  # (B, B)
+        labels = torch.arange(len(images), device=logits.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        generative = 0.0
+        if "logits" in state.outputs and "labels" in state.outputs:  # CoCa's captioning loss, as OpenCLIP's
+            generative = F.cross_entropy(state.outputs["logits"].float().permute(0, 2, 1), state.outputs["labels"])
+        self._sums += torch.tensor([float(loss) * len(images), float(generative) * len(images), len(images)])
 
     def eval_end(self, state: State, logger: Logger) -> None:
         images, texts = _gather_rows(torch.cat(self._images)), _gather_rows(torch.cat(self._texts))
-        metrics = {"val/clip_val_loss": contrastive_loss(images, texts, self._scale, self.chunk_size)}
+        sums = torch.stack(dist.all_gather_object(self._sums)).sum(dim=0)
+        metrics = {
+            "val/clip_val_loss": (sums[0] / sums[2]).item(),
+            "val/clip_val_loss_whole_set": contrastive_loss(images, texts, self._scale, self.chunk_size),
+        }
+        if sums[1]:
+            metrics["val/val_generative_loss"] = (sums[1] / sums[2]).item()
         metrics.update(retrieval_metrics(images, texts, self.chunk_size))
+        metrics["val/epoch"] = trained_epochs(state)
         metrics["val/num_samples"] = len(images)
         state.eval_metrics.update(metrics)
         logger.log_metrics(metrics, state.timestamp.batch)
+
+
+def trained_epochs(state: State) -> float:
+    """Epochs trained so far: whole at an epoch's end (OpenCLIP evaluates only there), fractional between."""
+    if state.batches_per_epoch:
+        return state.timestamp.batch / state.batches_per_epoch
+    return float(state.timestamp.epoch)
 
 
 def _gather_rows(local: torch.Tensor) -> torch.Tensor:

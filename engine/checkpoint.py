@@ -50,6 +50,7 @@ log = logging.getLogger("cadenza")
 LATEST = "epoch_latest.pt"
 POINTER = "latest.json"
 _NAME = re.compile(r"^ep(\d+)-ba(\d+)\.pt$")
+OPENCLIP_NAME = re.compile(r"^epoch_(\d+)\.pt$")  # open_clip_train's epoch_K.pt (``openclip_names``)
 
 
 def checkpoint_name(epoch: int, batch: int) -> str:
@@ -175,8 +176,15 @@ def checkpoint_files(folder: Path) -> list[Path]:
         if step_of(p.name.removesuffix(".sha256")) is not None
         or _NAME.match(p.name.removesuffix(".dcp") + ".pt")
         or p.name in (LATEST, f".{POINTER}")
+        or OPENCLIP_NAME.match(p.name)
         or (p.name.startswith(".ep") and p.name.endswith(".upload"))
     )
+
+
+def newest_openclip_checkpoint(folder: Path) -> Path | None:
+    """The ``epoch_K.pt`` of the highest ``K`` in ``folder`` (what OpenCLIP's ``--resume latest`` takes), or ``None``."""
+    found = [(int(m.group(1)), p) for p in folder.glob("epoch_*.pt") if (m := OPENCLIP_NAME.match(p.name))]
+    return max(found)[1] if found else None
 
 
 def verify(path: Path, require_sidecar: bool = True) -> None:
@@ -285,6 +293,8 @@ def resolve_resume(resume: str, local_folder: Path, remote: str | None) -> Path 
         downloaded = find_latest_remote(get_object_store(remote), local_folder, newer_than=local_step)
         if downloaded is not None:
             return downloaded
+    if local is None and local_folder.is_dir():  # a folder open_clip_train wrote: its newest epoch_K.pt
+        return newest_openclip_checkpoint(local_folder)
     return local
 
 
@@ -303,6 +313,8 @@ class CheckpointSaver(Callback):
         remote: an object-store URI (``s3://bucket/prefix``) checkpoints are uploaded to in the background.
         upload_timeout: seconds to wait at the end for pending uploads.
         sharded: write the model and optimizer as every rank's shards (``dist.fsdp_state_dict: sharded``).
+        openclip_names: also name a checkpoint saved at an epoch's end ``epoch_K.pt``, as open_clip_train does (a hard
+            link, locally; retention deletes it with its checkpoint).
     """
 
     def __init__(
@@ -317,8 +329,10 @@ class CheckpointSaver(Callback):
         upload_timeout: float = 600.0,
         sharded: bool = False,
         lineage: str | None = None,
+        openclip_names: bool = False,
     ) -> None:
         self.folder = Path(folder)
+        self.openclip_names = openclip_names
         self.lineage = lineage
         self.sharded = sharded
         self.interval = Time.parse(save_interval, "checkpoint.save_interval", allow_wall_clock=True)
@@ -390,6 +404,8 @@ class CheckpointSaver(Callback):
         digest = save_atomic(checkpoint, path, self.lineage)
         if self.save_latest:
             link_or_copy(path, self.folder / LATEST)
+        if self.openclip_names and state.batches_per_epoch and state.timestamp.batch % state.batches_per_epoch == 0:
+            link_or_copy(path, self.folder / f"epoch_{state.timestamp.batch // state.batches_per_epoch}.pt")
         log.info("saved checkpoint %s (%.1fs)", path, time.perf_counter() - started)
         self._apply_retention()
         if self.remote is not None:
@@ -407,6 +423,9 @@ class CheckpointSaver(Callback):
             # the checkpoint first, its checksum (which says whose it is) last: killed between the two, the orphaned
             # checksum is removed when the next run starts (_remove_leftovers)
             shutil.rmtree(sharded_folder(old), ignore_errors=True)
+            for name in self.folder.glob("epoch_*.pt"):  # its OpenCLIP name (openclip_names), not epoch_latest.pt
+                if OPENCLIP_NAME.match(name.name) and os.path.samefile(name, old):
+                    name.unlink()
             old.unlink(missing_ok=True)
             sidecar_of(old).unlink(missing_ok=True)
             log.info("deleted old checkpoint %s (checkpoint.keep=%d)", old, self.keep)

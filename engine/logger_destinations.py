@@ -50,6 +50,10 @@ class ConsoleLogger(LoggerDestination):
                 total=state.max_batches, initial=state.timestamp.batch, unit="ba", dynamic_ncols=True, disable=None
             )
 
+    def epoch_start(self, state: State, logger: Logger) -> None:
+        if state.dist.is_main:
+            log.info("Start epoch %d", state.timestamp.epoch)
+
     def batch_end(self, state: State, logger: Logger) -> None:
         if self._bar is not None:
             self._bar.update(1)
@@ -64,22 +68,25 @@ class ConsoleLogger(LoggerDestination):
                     "\t".join(f"{k.removeprefix('val/')}: {v:.4f}" for k, v in metrics.items()),
                 )
             return
-        done = step / max(state.max_batches, 1)
+        ts = state.timestamp
+        epoch_samples = state.batches_per_epoch * state.samples_per_batch
         losses = "  ".join(
             f"{k.removeprefix('train/').capitalize()}: {v:.4g}" for k, v in metrics.items() if k.endswith("loss")
         )
+        # OpenCLIP's line: the samples trained in this epoch, then significant digits (a slow run is not "0.0/s")
         log.info(
-            "Train Epoch: %d [%d/%d (%.0f%%)] Data (t): %.3f Batch (t): %.3f, %.1f/s, %.1f/s/gpu LR: %.6f Logit Scale: %.3f %s",
-            state.timestamp.epoch,
-            step,
-            state.max_batches,
-            100 * done,
+            "Train Epoch: %d [%*d/%d (%.0f%%)] Data (t): %.3f Batch (t): %.3f, %#g/s, %#g/s/gpu LR: %.6f Logit Scale: %.3f %s",
+            ts.epoch,
+            len(str(epoch_samples)),
+            ts.sample_in_epoch,
+            epoch_samples,
+            100 * ts.batch_in_epoch / max(state.batches_per_epoch, 1),
             metrics.get("train/data_time", 0.0),
             metrics.get("train/batch_time", 0.0),
             metrics.get("train/samples_per_second", 0.0),
             metrics.get("train/samples_per_second_per_gpu", 0.0),
             metrics.get("train/lr", 0.0),
-            metrics.get("train/logit_scale", 0.0),
+            metrics.get("train/scale", 0.0),
             losses,
         )
         if self._bar is not None and "train/loss" in metrics:

@@ -14,9 +14,45 @@ def excluded_from_weight_decay(name: str, param: torch.Tensor) -> bool:
     """OpenCLIP 3.3.0's rule: no decay for gains, biases and the temperature.
 
     A parameter is exempt when it has fewer than 2 dims or its name contains ``bn``, ``ln``, ``bias`` or
-    ``logit_scale``. Token and positional embeddings are decayed (as in 3.3.0).
+    ``logit_scale``. Token and positional embeddings are decayed (as in 3.3.0). A ViT's class token is exempt: OpenCLIP
+    holds it as a 1-dim ``class_embedding``, timm as a ``(1, 1, D)`` ``cls_token``.
     """
-    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+    return (
+        param.ndim < 2
+        or "bn" in name
+        or "ln" in name
+        or "bias" in name
+        or "logit_scale" in name
+        or name.endswith("cls_token")
+    )
+
+
+def renumbered_state(saved: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """``saved`` (an ``optimizer.state_dict()``) numbered as ``optimizer`` numbers ``model``'s parameters.
+
+    Checkpoints written before the class token left the decayed group (timm's ``cls_token``, OpenCLIP's 1-dim
+    ``class_embedding``) number the parameters by the earlier rule: their state is renumbered, so they resume; from
+    there the class token is not decayed. A state numbered as ``optimizer`` already is returned as it is.
+    """
+    sizes = [len(group["params"]) for group in saved.get("param_groups", [])]
+    if sizes == [len(group["params"]) for group in optimizer.param_groups]:
+        return saved
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    before = [p for n, p in named if _exempt_before(n, p)], [p for n, p in named if not _exempt_before(n, p)]
+    if sizes != [len(group) for group in before]:
+        return saved  # not the earlier rule either: the optimizer's own check says what is wrong
+    position = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    new = {old: position[id(p)] for old, p in enumerate(before[0] + before[1])}
+    groups = [
+        {**group, "params": [position[id(p)] for p in current["params"]]}
+        for group, current in zip(saved["param_groups"], optimizer.param_groups, strict=True)
+    ]
+    return {"state": {new[k]: v for k, v in saved["state"].items()}, "param_groups": groups}
+
+
+def _exempt_before(name: str, param: torch.Tensor) -> bool:
+    """The weight-decay exemption before the class token was exempt (checkpoints written then)."""
+    return excluded_from_weight_decay(name, param) and not name.endswith("cls_token")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

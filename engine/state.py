@@ -19,6 +19,7 @@ from cadenza.engine.fsdp import (
     optimizer_state_dict,
 )
 from cadenza.engine.loader import Loader
+from cadenza.engine.optim import renumbered_state
 from cadenza.engine.time import Timestamp
 
 
@@ -103,7 +104,8 @@ class State:
         if state["state_dict"] is not None:
             load_model_state_dict(self.model, state["state_dict"], strict=strict)
         if self.optimizer is not None and state.get("optimizer") is not None:
-            load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+            saved = renumbered_state(state["optimizer"], self.model, self.optimizer)  # older checkpoints' numbering
+            load_optimizer_state_dict(self.model, self.optimizer, saved)
         for name in ("scheduler", "scaler"):
             target = getattr(self, name)
             if target is not None and state.get(name) is not None:

@@ -6,7 +6,8 @@ The architecture comes from the checkpoint's stored config (``model.name`` and `
   ``open_clip.create_model("ViT-B-32", pretrained=OUT)``;
 - anything else is a folder, written as a Hugging Face Hub repository is laid out (``open_clip_config.json`` and
   ``open_clip_model.safetensors``): ``open_clip.create_model("local-dir:OUT")`` loads it, also for architectures
-  OpenCLIP has no name for (``tiny-vit``, or a known one changed by ``model.overrides``).
+  OpenCLIP has no name for (``tiny-vit``, or a known one changed by ``model.overrides``), and so does
+  ``composer openclip --model local-dir:OUT`` (the config's ``cadenza`` entry names the architecture).
 
 Example:
     composer export logs/my-run/checkpoints/epoch_latest.pt --format openclip vitb32.pt
@@ -34,6 +35,7 @@ from cadenza.models.convert import (
     openclip_preprocess_config,
 )
 from cadenza.models.factory import create_model
+from cadenza.models.openclip_folder import CADENZA_KEY, folder_entry
 from cadenza.models.pretrained import tag_normalization
 
 log = logging.getLogger("cadenza")
@@ -76,7 +78,11 @@ def export_openclip(checkpoint: str | Path, out: str | Path) -> Path:
             log.info("wrote %s: open_clip.create_model(%r, pretrained=%r)", out, name, str(out))
         return out
     out.mkdir(parents=True, exist_ok=True)
-    config = {"model_cfg": openclip_model_config(model), "preprocess_cfg": openclip_preprocess_config(model)}
+    config = {
+        "model_cfg": openclip_model_config(model),
+        "preprocess_cfg": openclip_preprocess_config(model),
+        **{CADENZA_KEY: folder_entry(name, overrides)},  # what composer openclip --model local-dir:OUT builds
+    }
     _write_weights(weights, out / WEIGHTS_NAME)
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     log.info("wrote %s: open_clip.create_model('local-dir:%s')", out, out)

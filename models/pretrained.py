@@ -189,6 +189,11 @@ def _load_into(model: nn.Module, state_dict: StateDict, source: str) -> None:
     if "logit_bias" in state_dict and "logit_bias" not in own:
         log.info("ignoring logit_bias of %s: this model has none (loss.name=clip)", source)
         state_dict.pop("logit_bias")
+    if "logit_bias" in own and "logit_bias" not in state_dict and "logit_scale" in state_dict:
+        # OpenCLIP's rule (open_clip#712): a CLIP checkpoint fine-tuned with a SigLIP loss starts from bias 0, not
+        # from the -10 of a SigLIP trained from scratch
+        log.info("%s has no logit_bias (CLIP weights): it starts at 0, as in OpenCLIP", source)
+        state_dict["logit_bias"] = torch.zeros_like(own["logit_bias"])
     mismatched = [
         f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
         for k, v in state_dict.items()
@@ -201,7 +206,6 @@ def _load_into(model: nn.Module, state_dict: StateDict, source: str) -> None:
             f"(checkpoint vs model, e.g. {mismatched[:3]}). Pick the model.name it was trained as.",
         )
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if k != "logit_bias"]  # a SigLIP model keeps its own initial bias
     if missing or unexpected:
         raise ConfigError(
             KEY,
@@ -261,40 +265,47 @@ def download_s3(uri: str) -> Path:
 
 def download_hf(repo: str, tag: str, name: str | None) -> Path:
     """A tag's weights from the Hugging Face Hub (from its cache when present; offline, only from the cache)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    cache_dir = _hf_cache_dir()
-    for filename in HF_FILENAMES:  # already downloaded (by Cadenza or by open_clip) under either name?
-        try:
-            return Path(hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=True))
-        except (LocalEntryNotFoundError, EntryNotFoundError, FileNotFoundError):
-            continue
     fix = (
         f"Download open_clip_pytorch_model.bin from https://huggingface.co/{repo} on a machine that is online and "
         f"pass its path: model.pretrained=/path/to/open_clip_pytorch_model.bin"
     )
-    if _hf_offline():
-        raise ConfigError(KEY, f"'{tag}' ({name}) is not in the Hugging Face cache and HF_HUB_OFFLINE is set. {fix}")
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    _check_reachable(endpoint, tag, fix)  # huggingface_hub retries a lost connection for ~30 s; fail at once
-    errors = []
-    for filename in HF_FILENAMES:
+    return hub_download(repo, HF_FILENAMES, f"'{tag}' ({name})", fix)
+
+
+def hub_download(repo: str, filenames: tuple[str, ...], what: str, fix: str, key: str = KEY) -> Path:
+    """The first of ``filenames`` that Hub repository ``repo`` holds: from the Hub's cache when there (put there by
+    Cadenza or by open_clip), else downloaded, unless offline (``HF_HUB_OFFLINE``) or the Hub is unreachable, which
+    is a ``ConfigError`` for ``key`` at once, naming ``what`` and saying ``fix``."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    cache_dir = _hf_cache_dir()
+    for filename in filenames:
         try:
-            log.info("downloading %s of %s (%s) from the Hugging Face Hub", filename, repo, tag)
+            return Path(hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=True))
+        except (LocalEntryNotFoundError, EntryNotFoundError, FileNotFoundError):
+            continue
+    if _hf_offline():
+        raise ConfigError(key, f"{what} is not in the Hugging Face cache and HF_HUB_OFFLINE is set. {fix}")
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    _check_reachable(endpoint, what, fix, key)  # huggingface_hub retries a lost connection for ~30 s; fail at once
+    errors = []
+    for filename in filenames:
+        try:
+            log.info("downloading %s of %s (%s) from the Hugging Face Hub", filename, repo, what)
             return Path(hf_hub_download(repo, filename, cache_dir=cache_dir, endpoint=endpoint, etag_timeout=10))
         except LocalEntryNotFoundError as error:  # the connection failed on the way
-            raise ConfigError(KEY, f"cannot download '{tag}' from {repo} ({error}). {fix}") from error
+            raise ConfigError(key, f"cannot download {what} from {repo} ({error}). {fix}") from error
         except EntryNotFoundError as error:
             errors.append(str(error).splitlines()[0])
         except Exception as error:  # noqa: BLE001 - a gated repo, a proxy, a rate limit: all mean the same here
             raise ConfigError(
-                KEY, f"cannot download '{tag}' from {repo} ({type(error).__name__}: {error}). {fix}"
+                key, f"cannot download {what} from {repo} ({type(error).__name__}: {error}). {fix}"
             ) from error
-    raise ConfigError(KEY, f"{repo} holds none of {HF_FILENAMES} ({'; '.join(errors)}). {fix}")
+    raise ConfigError(key, f"{repo} holds none of {filenames} ({'; '.join(errors)}). {fix}")
 
 
-def _check_reachable(endpoint: str, tag: str, fix: str) -> None:
+def _check_reachable(endpoint: str, what: str, fix: str, key: str = KEY) -> None:
     import urllib.error
     import urllib.request
 
@@ -304,7 +315,7 @@ def _check_reachable(endpoint: str, tag: str, fix: str) -> None:
         return  # the server answered
     except (OSError, ValueError) as error:
         raise ConfigError(
-            KEY, f"cannot reach the Hugging Face Hub at {endpoint} for '{tag}' ({error}). {fix}"
+            key, f"cannot reach the Hugging Face Hub at {endpoint} for {what} ({error}). {fix}"
         ) from error
 
 

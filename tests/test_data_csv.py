@@ -314,3 +314,22 @@ def test_read_image_file_reasons(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(image_bytes(1)[:150])
     with pytest.raises(SampleError, match="undecodable image"):
         read_image_file(str(tmp_path / "cut.jpg"))
+
+
+def test_relative_image_paths_follow_image_root_and_errors_name_both_candidates(tmp_path, monkeypatch):
+    """A YAML's CSV reads relative paths from its own folder; ``image_root: .`` from the working directory
+    (OpenCLIP's rule, which ``composer openclip`` sets). A CSV written for the other rule stops with both paths named."""
+    (tmp_path / "data" / "imgs").mkdir(parents=True)
+    for index in range(8):
+        (tmp_path / "data" / "imgs" / f"{index}.jpg").write_bytes(image_bytes(index))
+    rows = "".join(f"data/imgs/{i}.jpg\tsample {i}\n" for i in range(8))
+    (tmp_path / "data" / "train.csv").write_text("filepath\ttitle\n" + rows)  # OpenCLIP's: relative to where it runs
+    monkeypatch.chdir(tmp_path)
+    cwd_path, csv_path = tmp_path / "data" / "imgs" / "0.jpg", tmp_path / "data" / "data" / "imgs" / "0.jpg"
+    with pytest.raises(ValueError, match=f"{csv_path} \\(relative to the CSV's folder.* does not exist, {cwd_path}"):
+        CsvDataset("data/train.csv", context())
+    assert not CsvDataset("data/train.csv", context(), image_root=".")[0].skipped
+    own = write_csv(tmp_path / "own", 8)  # relative to the CSV's folder
+    with pytest.raises(ValueError, match="relative to image_root=\\.\\).* does not exist, .*own/images/00000.jpg"):
+        CsvDataset(str(own), context(), image_root=".")
+    assert not CsvDataset(str(own), context())[0].skipped

@@ -128,6 +128,8 @@ def test_fsdp_evaluation_of_uneven_shards_equals_one_process(tmp_path):
     assert "val/suite-average" in metrics[0]
     assert metrics[0].keys() == metrics[1].keys()
     for key, value in metrics[1].items():
+        if key == "val/clip_val_loss":  # OpenCLIP's mean of in-batch losses: batches of 4 here, 8 there
+            continue
         assert metrics[0][key] == pytest.approx(value, rel=1e-4), key
 
 

@@ -17,7 +17,7 @@ def test_tensorboard_event_files_hold_the_metrics(tiny):
     events = EventAccumulator(str(trainer.run_dir / "tensorboard"))
     events.Reload()
     tags = events.Tags()["scalars"]
-    for tag in ("train/loss", "train/lr", "train/logit_scale", "train/samples_per_second", "val/clip_val_loss"):
+    for tag in ("train/loss", "train/lr", "train/scale", "train/samples_per_second", "val/clip_val_loss"):
         assert tag in tags
     loss = events.Scalars("train/loss")
     assert [e.step for e in loss] == [4, 8, 12, 16]

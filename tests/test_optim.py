@@ -77,9 +77,25 @@ def _openclip_rule(name: str, p: torch.Tensor) -> bool:
     return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
+@pytest.mark.parametrize("name", ["ViT-B-32", "RN50", "coca_ViT-B-32"])
+def test_weight_decay_follows_openclip_on_its_own_parameters(name):
+    """Each parameter is decayed as OpenCLIP decays its counterpart (its name and shape there: the ViT class token
+    is 1-dim in OpenCLIP, (1, 1, D) in timm)."""
+    import open_clip
+
+    from cadenza.models.convert import cadenza_to_openclip
+
+    with torch.device("meta"):
+        ours, theirs = create_model(name), dict(open_clip.create_model(name, device="meta").named_parameters())
+    for our_name, param in ours.named_parameters():
+        their_name = next(iter(cadenza_to_openclip({our_name: param}, ours)))
+        expected = _openclip_rule(their_name, theirs[their_name])
+        assert excluded_from_weight_decay(our_name, param) == expected, (our_name, their_name)
+
+
 def test_weight_decay_groups_follow_openclip():
     model = create_model("tiny-vit")
-    model.visual.trunk.cls_token.requires_grad_(False)  # frozen parameters are left out
+    model.visual.trunk.blocks[0].mlp.fc1.weight.requires_grad_(False)  # frozen parameters are left out
     groups = param_groups(model, 0.2)
     exempt, decayed = ({id(p) for p in g["params"]} for g in groups)
     assert groups[0]["weight_decay"] == 0.0 and groups[1]["weight_decay"] == 0.2
@@ -87,8 +103,8 @@ def test_weight_decay_groups_follow_openclip():
         if not p.requires_grad:
             assert id(p) not in exempt | decayed
             continue
-        assert excluded_from_weight_decay(name, p) == _openclip_rule(name, p)
-        assert (id(p) in exempt) == _openclip_rule(name, p), name
+        assert (id(p) in exempt) == excluded_from_weight_decay(name, p), name
+        assert excluded_from_weight_decay(name, p) == (_openclip_rule(name, p) or name.endswith("cls_token"))
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
     assert "text.token_embedding.weight" in names and "text.positional_embedding" in names  # 3.3.0 decays them
     assert "logit_scale" not in names and not any(n.endswith("bias") for n in names)

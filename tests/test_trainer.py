@@ -241,7 +241,7 @@ def test_metrics_jsonl_uses_openclip_names(tiny):
         "train/loss",
         "train/contrastive_loss",
         "train/lr",
-        "train/logit_scale",
+        "train/scale",
         "train/samples_per_second",
         "train/data_time",
         "train/batch_time",
@@ -251,7 +251,7 @@ def test_metrics_jsonl_uses_openclip_names(tiny):
     val_rows = [r for r in rows if "val/clip_val_loss" in r]
     assert [r["step"] for r in val_rows] == [8, 16]
     assert "val/image_to_text_R@1" in val_rows[0]
-    assert "Train Epoch: 0 [16/16 (100%)]" in (trainer.run_dir / "out.log").read_text()
+    assert "Train Epoch: 0 [256/256 (100%)]" in (trainer.run_dir / "out.log").read_text()
 
 
 def test_logit_scale_is_clamped_at_100(tiny):

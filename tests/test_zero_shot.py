@@ -56,8 +56,8 @@ class ColorModel(torch.nn.Module):
     def encode_image(self, images, normalize=False):
         return torch.nn.functional.normalize(images.mean(dim=(2, 3)), dim=-1)
 
-    def encode_text(self, tokens, normalize=False):
-        rows = [next(self.words[int(t)] for t in row if int(t) in self.words) for row in tokens]
+    def encode_text(self, tokens, normalize=False):  # a prompt without a color word: gray
+        rows = [next((self.words[int(t)] for t in row if int(t) in self.words), (1, 1, 1)) for row in tokens]
         return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float) + 1e-3, dim=-1)
 
 
@@ -103,27 +103,35 @@ def test_template_and_classname_errors_name_the_key(tmp_path):
     prompts.write_text("a photo of {}.\n\n{}, drawn\n")
     assert load_templates(str(prompts)) == ["a photo of {}.", "{}, drawn"]
     root = image_folder(tmp_path / "colors")
-    with pytest.raises(ConfigError, match="eval.zero_shot.classnames.*1000 class names for 3 class folders"):
-        evaluator(root, classnames="imagenet")
+    with pytest.raises(ConfigError, match="eval.zero_shot.classnames.*'imagenet' names ImageNet-1k's 1000 classes"):
+        evaluator(root, classnames="imagenet")  # 3 folders that are not WordNet ids
 
 
-def test_imagenet_layout_is_named_by_wordnet_id_and_scored_with_the_80_templates(tmp_path):
-    # three ImageNet classes in its layout (WordNet-id folders), each a plain color; no class-name file given
-    classes = {"n01440764": ("tench", (255, 0, 0)), "n01443537": ("goldfish", (0, 255, 0))}
-    classes["n01484850"] = ("great white shark", (0, 0, 255))
-    for wnid, (_, color) in classes.items():
+def test_imagenet_subset_is_named_by_wordnet_id_and_scored_against_all_1000_classes(tmp_path):
+    """Three of ImageNet's folders (WordNet ids, not the first three classes), each a plain color: every image is
+    scored against the 1000 classes, labelled by its folder's class index, as published numbers (and OpenCLIP) are."""
+    from cadenza.models.tokenizer import get_tokenizer
+
+    names = imagenet_classnames()
+    tokens = get_tokenizer(None, 16)(list(names.values()))[:, 1].tolist()  # each name's first token
+    first_token = dict(zip(names, tokens, strict=True))
+    unique = [w for w in list(names)[5:] if list(first_token.values()).count(first_token[w]) == 1][:3]
+    classes = dict(zip(unique, ((255, 0, 0), (0, 255, 0), (0, 0, 255)), strict=True))
+    for wnid, color in classes.items():
         (tmp_path / "val" / wnid).mkdir(parents=True)
         Image.fromarray(np.full((12, 12, 3), color, np.uint8)).save(tmp_path / "val" / wnid / f"{wnid}_1.JPEG")
-    zero_shot = evaluator(tmp_path / "val", templates=None)
-    assert zero_shot.classnames == ["tench", "goldfish", "great white shark"]
-    assert len(zero_shot.templates) == 80
-    model = ColorModel(zero_shot.tokenizer, colors=dict(classes.values()))
-    assert zero_shot.evaluate(State(model=model))["val/colors-zeroshot-val-top1"] == 1.0
+    assert len(evaluator(tmp_path / "val", templates=None).templates) == 80  # OpenAI's, the default
+    for classnames in (None, "imagenet"):
+        zero_shot = evaluator(tmp_path / "val", classnames, templates=("a photo of a {}.",))
+        assert zero_shot.classnames == list(names.values())  # all 1000, in class-index order
+        assert [label for _, label in zero_shot.dataset.files] == [list(names).index(w) for w in classes]
+        model = ColorModel(zero_shot.tokenizer, colors={names[w]: color for w, color in classes.items()})
+        assert zero_shot.evaluate(State(model=model))["val/colors-zeroshot-val-top1"] == 1.0
     (tmp_path / "val" / "n99999999").mkdir()  # not an ImageNet-1k class: the folder names are used as they are
     (tmp_path / "val" / "n99999999" / "x.png").write_bytes(
-        (tmp_path / "val" / "n01440764" / "n01440764_1.JPEG").read_bytes()
+        (tmp_path / "val" / unique[0] / f"{unique[0]}_1.JPEG").read_bytes()
     )
-    assert evaluator(tmp_path / "val").classnames == ["n01440764", "n01443537", "n01484850", "n99999999"]
+    assert evaluator(tmp_path / "val").classnames == [*sorted(classes), "n99999999"]
 
 
 def test_evaluator_logs_into_eval_metrics(tmp_path):

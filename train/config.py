@@ -116,6 +116,7 @@ class CheckpointConfig:
     )
     upload_timeout: float = 600.0  # seconds to wait at exit for pending uploads to an s3:// save_folder
     overwrite: bool = False  # a run from scratch deletes the checkpoints another run left in its folder (else: exit 2)
+    openclip_names: bool = False  # also name epoch-end checkpoints epoch_K.pt (a hard link), as open_clip_train
 
 
 @dataclass

@@ -27,14 +27,17 @@ import shlex
 import sys
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from cadenza.engine import dist
 from cadenza.engine.errors import CadenzaError, ConfigError
-from cadenza.models.factory import list_models
+from cadenza.models.factory import get_model_config, list_models
+from cadenza.models.openclip_folder import is_folder_name, resolve_folder_name
 from cadenza.train.config import build_config
 from cadenza.train.trainer import train
 
@@ -100,7 +103,7 @@ PRECISION = {
 
 #: every flag of open_clip_train 3.3.0's ``params.py``, in its order, with its Cadenza equivalent
 FLAGS: tuple[Flag, ...] = (
-    Flag("--train-data", None, str, "data.train.path", "`type` from `--dataset-type`; `::`-joined sources and brace expansion as in OpenCLIP"),
+    Flag("--train-data", None, str, "data.train.path", "`type` from `--dataset-type`; `::`-joined sources and brace expansion as in OpenCLIP; csv: `image_root: .` (relative image paths are read from the working directory, as OpenCLIP)"),
     Flag("--train-data-upsampling-factors", None, str, "data.train.upsampling_factors", "webdataset, with `--dataset-resampled`"),
     Flag("--val-data", None, str, "data.val.path", "`type` from `--dataset-type`; evaluated every `--val-frequency` epochs"),
     Flag("--train-num-samples", None, int, "data.train.num_samples", "samples per epoch (webdataset, synthetic); csv: only the first N rows (OpenCLIP ignores it for csv)"),
@@ -110,7 +113,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--csv-separator", "\t", str, "data.train.csv_separator, data.val.csv_separator", "csv only; escapes such as `\\t` are decoded (pandas, in OpenCLIP, reads them as a regex)"),
     Flag("--csv-img-key", "filepath", str, "data.train.csv_img_key, data.val.csv_img_key", "csv only"),
     Flag("--csv-caption-key", "title", str, "data.train.csv_caption_key, data.val.csv_caption_key", "csv only"),
-    Flag("--imagenet-val", None, str, "eval.zero_shot.path", "with `eval.zero_shot.name: imagenet`; WordNet-id folders get OpenAI's ImageNet class names, scored with OpenAI's 80 templates, as in OpenCLIP"),
+    Flag("--imagenet-val", None, str, "eval.zero_shot.path", "with `eval.zero_shot.name: imagenet` and `classnames: imagenet`: scored against ImageNet's 1000 classes with OpenAI's 80 templates, as in OpenCLIP; WordNet-id folders (all 1000, or a subset) are labelled by their id"),
     Flag("--imagenet-v2", None, str, None, "`eval.zero_shot` holds one image folder (`--imagenet-val`)"),
     Flag("--cache-dir", None, str, None, "no key for it: set `HF_HOME` (OpenCLIP tags) or `CADENZA_CACHE` (s3:// weights) in the environment"),
     Flag("--logs", "./logs/", str, "run.logs", "`none` is an error: Cadenza always writes the run folder"),
@@ -133,13 +136,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--lr-scheduler", "cosine", str, "optim.scheduler", "cosine, const or const-cooldown"),
     Flag("--lr-cooldown-end", 0.0, float, "optim.cooldown_end_lr"),
     Flag("--lr-cooldown-power", 1.0, float, "optim.cooldown_power"),
-    Flag("--save-frequency", 1, int, "checkpoint.save_interval", "`N` → `Nep`; 0: only at the end (as OpenCLIP)"),
+    Flag("--save-frequency", 1, int, "checkpoint.save_interval", "`N` → `Nep`; 0: only at the end (as OpenCLIP); each is also named `epoch_K.pt`, as OpenCLIP names it (`checkpoint.openclip_names`)"),
     switch("--save-most-recent", "checkpoint.save_latest", "`epoch_latest.pt`; off unless set, as in OpenCLIP"),
     Flag("--zeroshot-frequency", 2, int, "eval.interval", "`N` → `Nep`; 0: no zero-shot. One interval serves zero-shot and `--val-data`: when both run, the two frequencies must agree (at their defaults, 1 wins)"),
     Flag("--val-frequency", 1, int, "eval.interval", "`N` → `Nep`; 0: `--val-data` is never evaluated, so it is left out"),
-    Flag("--resume", None, str, "checkpoint.resume", "a Cadenza checkpoint (path or s3:// URI) or `latest` (needs `--name`); OpenCLIP weights go in `--pretrained`"),
+    Flag("--resume", None, str, "checkpoint.resume", "a Cadenza checkpoint (path or s3:// URI), an OpenCLIP one (`epoch_K.pt`: weights, optimizer and epoch, as OpenCLIP resumes), or `latest` (needs `--name`)"),
     Flag("--precision", "amp", str, "run.precision", "`amp_bfloat16` → `amp_bf16`, `pure_bf16` → `bf16`, `pure_fp16` → `fp16`. Cadenza's `bf16`/`fp16` cast every weight (OpenCLIP's keep LayerNorms in fp32)", choices=tuple(PRECISION)),
-    Flag("--model", "RN50", str, "model.name", "`coca_*` models also select `loss.name: coca`"),
+    Flag("--model", "RN50", str, "model.name", "`coca_*` models also select `loss.name: coca`; `ViT-B/32` is `ViT-B-32`; `local-dir:DIR` and `hf-hub:org/repo` (a folder with `open_clip_config.json`, as `composer export --format openclip DIR` writes) set `model.name`, `model.overrides` and `model.pretrained` from it"),
     Flag("--pretrained", "", str, "model.pretrained", "an OpenCLIP tag, a local file or an s3:// URI"),
     switch("--pretrained-image", None, "no ImageNet-pretrained image towers: start from a whole CLIP with `--pretrained`"),
     switch("--lock-image", "algorithms.lock_image"),
@@ -149,13 +152,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--image-std", None, float, "model.overrides.image_std", nargs="+"),
     Flag("--image-interpolation", None, str, None, "Cadenza resizes with bicubic interpolation", same=("bicubic",), choices=("bicubic", "bilinear", "random")),
     Flag("--image-resize-mode", None, str, None, "Cadenza's evaluation transform resizes the shortest side, then center-crops", same=("shortest",), choices=("shortest", "longest", "squash")),
-    Flag("--aug-cfg", {}, None, "data.augment", "`key=value` pairs, values read as Python literals; repeated `--aug-cfg` flags merge (OpenCLIP keeps only the last)", action="kwargs", nargs="*"),
+    Flag("--aug-cfg", {}, None, "data.augment", "`key=value` pairs, values read as Python literals; repeated `--aug-cfg` flags merge (OpenCLIP keeps only the last); without `use_timm=True`, `ratio`, `re_prob`, `re_count` and a `color_jitter` without `color_jitter_prob` are ignored with OpenCLIP's warning", action="kwargs", nargs="*"),
     switch("--grad-checkpointing", "algorithms.grad_checkpointing"),
     switch("--local-loss", "loss.local_loss", "CLIP and CoCa losses (OpenCLIP's SigLIP ignores it: an error with `--siglip`)"),
     switch("--gather-with-grad", "loss.gather_with_grad", "as `--local-loss`"),
     Flag("--force-context-length", None, int, "model.overrides.text.context_length"),
     Flag("--force-image-size", None, int, "model.overrides.vision.image_size", "square sizes", nargs="+"),
-    switch("--force-quick-gelu", "model.name", "`<model>-quickgelu`, the architecture with QuickGELU"),
+    switch("--force-quick-gelu", "model.name, model.overrides", "`<model>-quickgelu`, the architecture with QuickGELU, where there is one; else `model.overrides.quick_gelu: true` (and QuickGELU in a ViT image tower's blocks, as OpenCLIP)"),
     Flag("--force-patch-dropout", None, float, "algorithms.patch_dropout.prob", "0: no patch dropout"),
     switch("--force-custom-text", None, "Cadenza has one CLIP class, its text tower already separate"),
     switch("--torchscript", None, "no TorchScript (see `--torchcompile`)"),
@@ -200,7 +203,7 @@ class MergeKwargs(argparse.Action):
     """``--aug-cfg k=v ...``: values read as Python literals (strings otherwise), merged over repeated flags."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        merged = dict(getattr(namespace, self.dest) or {})
+        merged = dict(getattr(namespace, self.dest, None) or {})
         for item in values:
             key, sep, text = item.partition("=")
             if not sep or not key:
@@ -212,24 +215,35 @@ class MergeKwargs(argparse.Action):
         setattr(namespace, self.dest, merged)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """OpenCLIP's parser, built from ``FLAGS``, plus ``--print-config``."""
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """OpenCLIP's parser, built from ``FLAGS``, plus ``--print-config``. ``defaults=False``: a flag left out is
+    absent from the parsed namespace (``given_flags``)."""
     parser = argparse.ArgumentParser(
         prog="composer openclip",
         description=f"Train with open_clip_train {OPENCLIP_VERSION}'s flags on Cadenza. Cadenza overrides "
         "(key=value) may follow a '--'. See the README, 'Coming from OpenCLIP'.",
+        argument_default=None if defaults else argparse.SUPPRESS,
     )
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
     for flag in FLAGS:
         if flag.action == "store_true":
-            parser.add_argument(flag.option, action="store_true", default=False)
+            parser.add_argument(flag.option, action="store_true", default=default(False))
         elif flag.action == "kwargs":
-            parser.add_argument(flag.option, nargs="*", default={}, action=MergeKwargs, metavar="KEY=VALUE")
+            parser.add_argument(flag.option, nargs="*", default=default({}), action=MergeKwargs, metavar="KEY=VALUE")
         else:
             parser.add_argument(
-                flag.option, type=flag.type, default=flag.default, nargs=flag.nargs, choices=flag.choices
+                flag.option, type=flag.type, default=default(flag.default), nargs=flag.nargs, choices=flag.choices
             )
     parser.add_argument("--print-config", action="store_true", help="print the equivalent YAML and exit")
     return parser
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The OpenCLIP options ``argv`` sets (``--model``, ...), however they are spelt (``--model=x``, ``--mod x``)."""
+    return {BY_DEST[dest].option for dest in vars(build_parser(defaults=False).parse_args(argv)) if dest in BY_DEST}
 
 
 def parse_flags(argv: list[str]) -> argparse.Namespace:
@@ -297,13 +311,24 @@ def _run(args, problems: list[str]) -> dict[str, Any]:
 
 
 def _model(args, problems: list[str]) -> dict[str, Any]:
-    name = args.model
-    if args.force_quick_gelu and not name.endswith("-quickgelu"):
-        name = f"{name}-quickgelu"
-        if name not in list_models():
-            problems.append(f"--force-quick-gelu: there is no architecture '{name}' (QuickGELU {args.model})")
-    model: dict[str, Any] = {"name": name, "pretrained": args.pretrained or None}
+    name = args.model.replace("/", "-")  # OpenCLIP reads the old spelling ViT-B/32 as ViT-B-32
+    pretrained = args.pretrained or None
     overrides: dict[str, Any] = {}
+    if is_folder_name(args.model):  # local-dir:/path or hf-hub:org/repo: architecture and weights from the folder
+        found = resolve_folder_name(args.model, "model.name")
+        name, overrides, pretrained = found.name, dict(found.overrides), str(found.weights) if found.weights else None
+        if args.pretrained:
+            problems.append(
+                f"--pretrained {args.pretrained}: OpenCLIP ignores it with --model {args.model} (the weights come "
+                "from there); remove it"
+            )
+        overrides.update({k: v for k, v in (("image_mean", found.image_mean), ("image_std", found.image_std)) if v})
+    if args.force_quick_gelu and not name.endswith("-quickgelu"):
+        if f"{name}-quickgelu" in list_models():
+            name = f"{name}-quickgelu"
+        elif name in list_models():
+            overrides = _merge(overrides, quick_gelu_overrides(name))
+    model: dict[str, Any] = {"name": name, "pretrained": pretrained}
     for field in ("image_mean", "image_std"):  # one number per channel, or one for all three
         value = getattr(args, field)
         if value is not None:
@@ -314,12 +339,31 @@ def _model(args, problems: list[str]) -> dict[str, Any]:
         sizes = set(args.force_image_size)
         if len(args.force_image_size) > 2 or len(sizes) != 1:
             problems.append(f"--force-image-size {_shown(args.force_image_size)}: Cadenza models take square images")
-        overrides["vision"] = {"image_size": args.force_image_size[0]}
+        overrides = _merge(overrides, {"vision": {"image_size": args.force_image_size[0]}})
     if args.force_context_length is not None:
-        overrides["text"] = {"context_length": args.force_context_length}
+        overrides = _merge(overrides, {"text": {"context_length": args.force_context_length}})
     if overrides:
         model["overrides"] = overrides
     return model
+
+
+def quick_gelu_overrides(name: str) -> dict[str, Any]:
+    """``--force-quick-gelu`` on an architecture without a ``-quickgelu`` twin: QuickGELU in the text tower and, for a
+    ViT image tower, in its blocks (OpenCLIP's ``quick_gelu`` reaches its VisionTransformer, not ResNets or timm
+    towers)."""
+    overrides: dict[str, Any] = {"quick_gelu": True}
+    if str(get_model_config(name)["vision"].get("timm_model", "")).startswith("vit_"):
+        overrides["vision"] = {"timm_kwargs": {"act_layer": "quick_gelu"}}
+    return overrides
+
+
+def _merge(base: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in more.items():
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
+    return merged
 
 
 def _loss(args, problems: list[str]) -> dict[str, Any]:
@@ -372,6 +416,7 @@ def _dataset(args, split: str, problems: list[str]) -> dict[str, Any]:
         return {"type": "synthetic", "num_samples": count}
     dataset: dict[str, Any] = {"type": kind, "path": path}
     if kind == "csv":
+        dataset["image_root"] = "."  # OpenCLIP reads relative image paths from the working directory
         dataset["csv_separator"] = decode_separator(args.csv_separator)
         dataset["csv_img_key"] = args.csv_img_key
         dataset["csv_caption_key"] = args.csv_caption_key
@@ -416,8 +461,30 @@ def _data(args, problems: list[str]) -> dict[str, Any]:
     data["batch_size"] = args.batch_size
     data["workers"] = args.workers
     if args.aug_cfg:
-        data["augment"] = {key: _as_list(value) for key, value in args.aug_cfg.items()}
+        data["augment"] = _augment(args.aug_cfg)
     return data
+
+
+#: --aug-cfg keys OpenCLIP's own transform uses only with ``use_timm=True`` (without it: a warning, then ignored)
+TIMM_ONLY_AUGMENT = ("ratio", "re_prob", "re_count")
+
+
+def _augment(aug_cfg: dict[str, Any]) -> dict[str, Any]:
+    """``--aug-cfg`` as ``data.augment``. Without ``use_timm``, OpenCLIP warns about the keys its transform does not
+    use and ignores them (``ratio``, ``re_prob``, ``re_count``, ``color_jitter`` without ``color_jitter_prob``):
+    so does this translation, with OpenCLIP's warning (a YAML's ``data.augment.ratio`` is applied)."""
+    augment = {key: _as_list(value) for key, value in aug_cfg.items()}
+    if augment.get("use_timm"):
+        return augment
+    unused = [key for key in TIMM_ONLY_AUGMENT if augment.get(key) is not None]
+    if augment.get("color_jitter") is not None and not augment.get("color_jitter_prob"):
+        unused.append("color_jitter")
+    if unused:
+        log.warning(
+            "--aug-cfg: Unused augmentation cfg items, specify `use_timm` to use (%s); ignored, as OpenCLIP does",
+            unused,
+        )
+    return {key: value for key, value in augment.items() if key not in unused}
 
 
 def _optim(args, defaults: dict[str, float], problems: list[str]) -> dict[str, Any]:
@@ -472,7 +539,10 @@ def _algorithms(args, problems: list[str]) -> dict[str, Any]:
             problems.append("--distill-model: distillation needs --accum-freq 1 (as in OpenCLIP)")
         if "coca" in args.model.lower():
             problems.append("--distill-model: OpenCLIP does not distil CoCa models")
-        algorithms["distillation"] = {"teacher": args.distill_model, "pretrained": args.distill_pretrained}
+        algorithms["distillation"] = {
+            "teacher": args.distill_model.replace("/", "-"),
+            "pretrained": args.distill_pretrained,
+        }
     return algorithms
 
 
@@ -499,6 +569,7 @@ def _checkpoint(args, problems: list[str]) -> dict[str, Any]:
         "save_interval": f"{every}ep",
         "keep": 1 if args.delete_previous_checkpoint else -1,
         "save_latest": args.save_most_recent,
+        "openclip_names": True,  # epoch_K.pt, where scripts written for OpenCLIP look
     }
     if args.resume == "latest" and args.name is None:
         problems.append(
@@ -515,7 +586,7 @@ def _evaluation(args, cfg: dict[str, Any], problems: list[str]) -> None:
     if "val" in cfg["data"]:
         frequencies["val_frequency"] = args.val_frequency
     if args.imagenet_val is not None and args.zeroshot_frequency > 0:
-        cfg["eval"]["zero_shot"] = {"path": args.imagenet_val, "name": "imagenet"}
+        cfg["eval"]["zero_shot"] = {"path": args.imagenet_val, "name": "imagenet", "classnames": "imagenet"}
         frequencies["zeroshot_frequency"] = args.zeroshot_frequency
     if not frequencies:
         return
@@ -610,10 +681,26 @@ def build(argv: list[str], overrides: list[str] = ()) -> tuple[argparse.Namespac
         cfg = build_config(merged.copy())
     except ConfigError as error:
         flags = flags_for_key(error.key)
-        if flags:
-            raise ConfigError(error.key, f"{str(error).split(': ', 1)[1]} (set by {', '.join(flags)})") from error
+        given = [flag for flag in flags if flag in given_flags(argv)]  # only the flags the user passed are named
+        if given or flags:
+            source = f"set by {', '.join(given)}" if given else f"OpenCLIP's default of {', '.join(flags)}"
+            raise ConfigError(error.key, f"{str(error).split(': ', 1)[1]} ({source})") from error
         raise
     return args, OmegaConf.to_container(merged), cfg
+
+
+def check_new_experiment(args: argparse.Namespace, cfg: Any) -> None:
+    """OpenCLIP's rule for ``--name``: a run folder that already holds an ``out.log`` belongs to an earlier run, and a
+    run that does not ``--resume`` is refused before any work (rank 0 looks, as in OpenCLIP)."""
+    if args.name is None or args.resume is not None or not dist.dist_info_from_env().is_main:
+        return
+    folder = Path(cfg.run.logs) / cfg.run.name
+    if (folder / "out.log").exists():
+        raise ConfigError(
+            "run.name",
+            f"Experiment already exists: {folder} holds an earlier run (set by --name). Use --name to specify a new "
+            "experiment, or --resume latest to continue that one.",
+        )
 
 
 def config_yaml(argv: list[str], user: dict[str, Any]) -> str:
@@ -639,6 +726,7 @@ def run(flags: list[str], overrides: list[str]) -> int:
         if args.print_config:
             sys.stdout.write(config_yaml([f for f in flags if f != "--print-config"], user))
             return 0
+        check_new_experiment(args, cfg)
         train(cfg)
     except (FlagError, ConfigError) as error:
         sys.stderr.write(f"composer openclip: configuration error: {error}\n")

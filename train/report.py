@@ -17,12 +17,12 @@ from pathlib import Path
 PLOTS = {
     "losses": ("Training losses", lambda k: k.startswith("train/") and k.endswith("loss")),
     "learning_rate": ("Learning rate", lambda k: k == "train/lr"),
-    "logit_scale": ("Logit scale (temperature)", lambda k: k == "train/logit_scale"),
+    "logit_scale": ("Logit scale (temperature)", lambda k: k in ("train/scale", "train/logit_scale")),  # and old runs
     "throughput": (
         "Throughput",
         lambda k: k in ("train/samples_per_second", "train/samples_per_second_per_gpu", "train/mfu"),
     ),
-    "eval": ("Evaluation", lambda k: k.startswith("val/") and k != "val/num_samples"),
+    "eval": ("Evaluation", lambda k: k.startswith("val/") and k not in ("val/num_samples", "val/epoch")),
 }
 #: metrics where lower is better (for "best" in the summary)
 LOWER_IS_BETTER = ("loss", "rank")

@@ -41,6 +41,7 @@ from cadenza.models.tokenizer import get_tokenizer
 from cadenza.train.config import listed, loss_arguments, to_yaml
 from cadenza.train.eval_suite import build_suite
 from cadenza.train.eval_tasks import load_tasks
+from cadenza.train.openclip_checkpoint import is_openclip_checkpoint, resume_openclip
 from cadenza.train.run_folder import RunFolderLock, claim_checkpoints
 from cadenza.train.zero_shot import build_zero_shot, load_templates
 
@@ -66,9 +67,10 @@ def resolve_device(name: str, info: dist.DistInfo) -> torch.device:
 
 
 def default_run_name(cfg: DictConfig) -> str:
-    """OpenCLIP's naming: date, model, lr, batch size, precision."""
+    """OpenCLIP's naming: date, model, lr, batch size, workers, precision."""
     stamp = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
-    return f"{stamp}-model_{cfg.model.name}-lr_{cfg.optim.lr}-b_{cfg.data.batch_size}-p_{cfg.run.precision}"
+    model = cfg.model.name.replace("/", "-")
+    return f"{stamp}-model_{model}-lr_{cfg.optim.lr}-b_{cfg.data.batch_size}-j_{cfg.data.workers}-p_{cfg.run.precision}"
 
 
 class Trainer:
@@ -93,7 +95,7 @@ class Trainer:
         info = dist.dist_info_from_env()
         device = resolve_device(cfg.run.device, info)
         dist.init_process_group(info, cfg.dist.backend, device)
-        self.run_name = cfg.run.name or default_run_name(cfg)
+        self.run_name = cfg.run.name or dist.all_gather_object(default_run_name(cfg))[0]  # rank 0's date, on all
         self.run_dir = Path(cfg.run.logs) / self.run_name
         # The run folder is this run's while it lives (rank 0 holds its lock); everything after releases it on failure.
         self._lock = RunFolderLock(self.run_dir) if info.is_main else None
@@ -269,6 +271,7 @@ class Trainer:
                     upload_timeout=cfg.checkpoint.upload_timeout,
                     sharded=cfg.dist.fsdp and cfg.dist.fsdp_state_dict == "sharded",
                     lineage=self.lineage,
+                    openclip_names=cfg.checkpoint.openclip_names,
                 )
             )
         if state.eval_loader is not None:
@@ -363,6 +366,16 @@ class Trainer:
         """Restore every piece of training state from a checkpoint file."""
         self.engine.run_event(Event.BEFORE_LOAD)
         checkpoint = load_checkpoint(path)
+        if is_openclip_checkpoint(checkpoint):  # open_clip_train's epoch_K.pt: weights, optimizer and epoch
+            resume_openclip(self.state, checkpoint, path)
+            self.engine.run_event(Event.AFTER_LOAD)
+            return
+        if not isinstance(checkpoint, dict) or "timestamp" not in checkpoint:
+            raise ConfigError(
+                "checkpoint.resume",
+                f"'{path}' is not a training checkpoint (Cadenza's, or open_clip_train's epoch_K.pt): to start from its "
+                "weights, pass it as model.pretrained (--pretrained).",
+            )
         self._check_fits(checkpoint, path)
         self.lineage = checkpoint.get("lineage")  # checkpoints from before lineages have none; carried on as such
         for callback in self.state.callbacks:

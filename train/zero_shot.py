@@ -10,7 +10,8 @@ ImageNet ships as data (``train/zero_shot_data/``, from OpenAI's CLIP notebook, 
 names OpenAI curated, in class-index order, and their 80 prompt templates (``openai``, the default, as in
 OpenCLIP's ImageNet evaluation) and the 7-prompt subset (``simple``). Folders named by WordNet id
 (``n01440764``, ImageNet's layout) are named from that list through timm's ImageNet synset table, so an
-ImageNet validation folder needs no class-name file; a subset of ImageNet's classes works too.
+ImageNet validation folder needs no class-name file. A subset of ImageNet's folders is scored against all 1000
+classes, each folder as its own class, as published ImageNet numbers (and OpenCLIP's) are.
 
 Example:
     >>> import torch
@@ -102,6 +103,15 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] =
     return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
 
 
+def imagenet_labels(classnames: str | Sequence[str] | None, folders: list[str]) -> list[int] | None:
+    """Each folder's class index among ImageNet-1k's 1000, when the class names are ImageNet's (``classnames`` unset
+    or ``imagenet``) and every folder is an ImageNet-1k WordNet id; else ``None``."""
+    if not (classnames is None or classnames == "imagenet") or not all(WORDNET_ID.fullmatch(f) for f in folders):
+        return None
+    index = {wnid: i for i, wnid in enumerate(imagenet_classnames())}
+    return [index[f] for f in folders] if all(f in index for f in folders) else None
+
+
 def read_classnames(classnames: str | Sequence[str] | None, folders: list[str]) -> list[str]:
     """Class names in folder order: the given list, a file with one name per line, ``imagenet`` (OpenAI's 1000
     names), or — unset — OpenAI's names for WordNet-id folders of ImageNet-1k, else the folder names."""
@@ -112,6 +122,13 @@ def read_classnames(classnames: str | Sequence[str] | None, folders: list[str]) 
                 return [known[name] for name in folders]
         return [name.replace("_", " ") for name in folders]
     if classnames == "imagenet":
+        if len(folders) != 1000:
+            raise ConfigError(
+                "eval.zero_shot.classnames",
+                f"'imagenet' names ImageNet-1k's 1000 classes in class-index order, and there are {len(folders)} class "
+                f"folders ({', '.join(folders[:3])}, ...): name the folders by WordNet id (n01440764, ...; a subset is "
+                "scored against all 1000 classes), or give one class name per folder.",
+            )
         classnames = list(imagenet_classnames().values())
     elif isinstance(classnames, str):
         path = Path(classnames)
@@ -196,7 +213,12 @@ class ZeroShotEvaluator(Callback):
     ) -> None:
         self.templates = load_templates(templates)
         self.dataset = ImageFolderFiles(path, transform)
-        self.classnames = read_classnames(classnames, self.dataset.classes)
+        labels = imagenet_labels(classnames, self.dataset.classes)
+        if labels is None:
+            self.classnames = read_classnames(classnames, self.dataset.classes)
+        else:  # ImageNet folders, all or some: every image is scored against the 1000 classes
+            self.classnames = list(imagenet_classnames().values())
+            self.dataset.files = [(file, labels[label]) for file, label in self.dataset.files]
         self.name = name
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -297,6 +319,7 @@ __all__ = [
     "build_classifier_weights",
     "build_zero_shot",
     "imagenet_classnames",
+    "imagenet_labels",
     "load_templates",
     "read_classnames",
     "topk_correct",
