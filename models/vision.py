@@ -19,6 +19,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import Format
 from torch import nn
 
 PROJECTIONS = ("linear", "none")
@@ -73,6 +74,30 @@ class TimmImageTower(nn.Module):
     def no_weight_decay(self) -> set[str]:
         names = getattr(self.trunk, "no_weight_decay", lambda: set())()
         return {f"trunk.{name}" for name in names}
+
+    @property
+    def patch_size(self) -> int | None:
+        """A ViT trunk's patch side in pixels; ``None`` for towers without patches (ResNet, ConvNeXt)."""
+        patch_embed = getattr(self.trunk, "patch_embed", None)
+        return int(patch_embed.patch_size[0]) if hasattr(patch_embed, "patch_size") else None
+
+    def accept_any_image_size(self) -> None:
+        """Let a ViT trunk take square images of any multiple of its patch size (low-resolution training).
+
+        Position embeddings are resampled (bicubic, timm's ``dynamic_img_size``) to the input's patch grid in every
+        forward; at ``image_size`` they are used as they are, so the tower's function there is unchanged, and its
+        parameters (names and shapes) stay the same: checkpoints and exports are unaffected.
+
+        Raises:
+            ValueError: the trunk is not a ViT.
+        """
+        if self.patch_size is None or not hasattr(self.trunk, "dynamic_img_size"):
+            raise ValueError(f"{self.timm_model} has no patch grid to resample; other image sizes need a ViT tower")
+        self.trunk.dynamic_img_size = True
+        patch_embed = self.trunk.patch_embed
+        patch_embed.strict_img_size = False  # any multiple of the patch
+        patch_embed.flatten = False  # (B, H, W, C): the trunk flattens after adding the resampled embeddings
+        patch_embed.output_fmt = Format.NHWC
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.proj(self.trunk(images))  # (B, 3, H, W) -> (B, width) -> (B, E)
