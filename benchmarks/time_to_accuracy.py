@@ -50,6 +50,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -75,15 +76,10 @@ OPENCLIP_MAIN = (
     "from open_clip_train.main import main; main(sys.argv[2:])"
 )
 #: OpenCLIP's best flags for this job (see the module doc and the sweep in the results' notes)
-OPENCLIP_BEST = {
-    "--batch-size": "32",
-    "--lr": "2e-3",
-    "--wd": "0.1",
-    "--warmup": "50",
-    "--epochs": "12",
-    "--workers": "1",
-    "--precision": "fp32",
-}
+OPENCLIP_BEST = (
+    "--batch-size 16 --lr 1e-3 --wd 0.1 --warmup 90 --epochs 10 --workers 1 --precision fp32 "
+    "--lock-text --lock-text-unlocked-layers 3 --lock-text-freeze-layer-norm"
+).split()
 #: the method cards: (label, overrides of the fastest recipe)
 ALGORITHM_VARIANTS = {
     "patch_dropout": ["+algorithms.patch_dropout={prob: 0.5}"],
@@ -98,13 +94,13 @@ ALGORITHM_VARIANTS = {
 
 
 # -- data and the network --------------------------------------------------------------------------------------------
-def write_data(folder: Path, split_seed: int) -> dict[str, Path]:
+def write_data(folder: Path, split_seed: int, captions: int = 2) -> dict[str, Path]:
     """The digits as MDS, CSV + PNG files and a held-out image folder; the OpenCLIP model config."""
     from cadenza.datasets.digits import build
     from cadenza.models import create_model
     from cadenza.models.convert import openclip_model_config
 
-    build(folder / "digits", seed=split_seed, progress=False, csv=True)
+    build(folder / "digits", captions=captions, seed=split_seed, progress=False, csv=True)
     configs = folder / "openclip-configs"
     configs.mkdir()
     config = openclip_model_config(create_model(ARCH))
@@ -186,7 +182,7 @@ def system_command(system: str, paths: dict[str, Path], logs: Path, name: str, s
     if system.startswith("openclip"):
         flags = openclip_flags(paths, logs, name, seed, OPENCLIP_ARCH)
         if system == "openclip-best":
-            flags += [item for pair in OPENCLIP_BEST.items() for item in pair]
+            flags += OPENCLIP_BEST
         return [python, "-c", OPENCLIP_MAIN, str(paths["configs"]), *flags, *extra]
     if system == "cadenza-defaults":
         flags = openclip_flags(paths, logs, name, seed, ARCH)
@@ -255,15 +251,21 @@ def measure(system, paths, logs, name, seed, extra, budget, evaluator) -> dict:
     if status not in (None, 0):
         tail = (logs / f"{name}.log").read_text()[-3000:]
         raise RuntimeError(f"{system} (seed {seed}) failed with status {status}:\n{tail}")
-    curve = []
+    curve, scoring = [], time.perf_counter()
     for path in checkpoints(system, logs / name):
         seconds = path.stat().st_mtime - started
         if seconds <= budget:
             curve.append((round(seconds, 2), round(score(path, evaluator), 4), path.name))
         path.unlink()
+    if not curve:
+        print(f"  {system} seed {seed}: no checkpoint within {budget:.0f} s; its log ends:", flush=True)
+        print((logs / f"{name}.log").read_text()[-1500:], flush=True)
     reached = {f"t{round(100 * t)}": next((s for s, acc, _ in curve if acc >= t), None) for t in TARGETS}
     best = max((acc for _, acc, _ in curve), default=None)
-    print(f"  {system:18s} seed {seed}: {len(curve)} checkpoints, best {best}, {reached} ({ran:.0f} s)", flush=True)
+    print(
+        f"  {system:18s} seed {seed}: {len(curve)} checkpoints, best {best}, {reached} (ran {ran:.0f} s, scored in {time.perf_counter() - scoring:.0f} s)",
+        flush=True,
+    )
     return {"seed": seed, "seconds_run": round(ran, 1), "curve": curve, "best_top1": best, **reached}
 
 
@@ -321,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="openclip-best and cadenza-fast, 1 seed, 40 s budget")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--budget", type=float, default=60.0, help="seconds each run may train (from its start)")
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds each run may train, from its start (default 60; quick 40)"
+    )
     parser.add_argument(
         "--systems",
         nargs="+",
@@ -330,22 +334,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--split-seed", type=int, default=0, help="the digits splitter's seed (another random split)")
     parser.add_argument("--epochs", type=int, default=None, help="stop every system after this many epochs (tests)")
+    parser.add_argument("--captions", type=int, default=2, help="captions per training image (the quickstart's 2)")
     parser.add_argument("--algorithms", action="store_true", help="the method cards instead (cadenza-fast variants)")
     parser.add_argument("--only", nargs="+", default=None, help="with --algorithms: these variants only")
+    parser.add_argument("--openclip-best", default=None, help="other flags for openclip-best (a sweep of its settings)")
+    parser.add_argument("--recipe", nargs="+", default=[], help="overrides of the fastest recipe (a sweep of it)")
     parser.add_argument("--name", default=None, help="results file name (default time_to_accuracy[_algorithms])")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
+    if args.budget is None:
+        args.budget = 40.0 if args.quick else 60.0
     if args.quick:
-        args.seeds, args.budget = args.seeds[:1], min(args.budget, 40.0)
+        args.seeds = args.seeds[:1]
         args.systems = [s for s in args.systems if s in ("openclip-best", "cadenza-fast")]
+    if args.openclip_best is not None:
+        OPENCLIP_BEST[:] = shlex.split(args.openclip_best)
     name = args.name or ("time_to_accuracy_algorithms" if args.algorithms else "time_to_accuracy")
     out_dir = args.out or ROOT / "benchmarks" / "results"
     load_before = os.getloadavg()
+    began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        paths = write_data(tmp, args.split_seed)
+        paths = write_data(tmp, args.split_seed, args.captions)
+        print(f"data written ({time.perf_counter() - began:.0f} s)", flush=True)
         parity = check_parity(paths)
-        print(f"parity of the initial forward: {parity}", flush=True)
+        print(f"parity of the initial forward ({time.perf_counter() - began:.0f} s): {parity}", flush=True)
         from cadenza.models import create_model
 
         evaluator = zero_shot_evaluator(paths["test"], create_model(ARCH))
@@ -355,9 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             variants = {"recipe": []} | {
                 k: v for k, v in ALGORITHM_VARIANTS.items() if args.only is None or k in args.only
             }
-            plan = [("cadenza-fast", label, extra) for label, extra in variants.items()]
+            plan = [("cadenza-fast", label, [*args.recipe, *extra]) for label, extra in variants.items()]
         else:
-            plan = [(system, system, []) for system in args.systems]
+            plan = [(system, system, args.recipe if system == "cadenza-fast" else []) for system in args.systems]
         results: dict[str, dict] = {label: {"command": None, "runs": []} for _, label, _ in plan}
         for seed in args.seeds:  # seeds in turn, systems alternating within each
             for system, label, extra in plan:
@@ -407,10 +420,12 @@ def report(args, results: dict, parity: dict, load_before: tuple, name: str) -> 
             "budget_s": args.budget,
             "split_seed": args.split_seed,
             "epochs": args.epochs,
+            "captions_per_image": args.captions,
             "checkpoint_interval": "1 epoch (both trainers)",
         },
         "parity": parity,
-        "openclip_best_flags": OPENCLIP_BEST,
+        "openclip_best_flags": " ".join(OPENCLIP_BEST),
+        "recipe_overrides": args.recipe,
         "systems": results,
     }
     if args.algorithms:

@@ -23,6 +23,32 @@ from timm.layers import Format
 from torch import nn
 
 PROJECTIONS = ("linear", "none")
+#: how a ViT trunk's weights start: timm's (truncated normal, std 0.02) or OpenCLIP's VisionTransformer's
+INITS = ("timm", "openclip")
+
+
+def init_like_openclip(trunk: nn.Module, proj: nn.Module) -> None:
+    """Initialise a timm ViT trunk and its projection as OpenCLIP 3.3.0's ``VisionTransformer`` starts: PyTorch's
+    default initialisation of every layer (its ``init_parameters`` leaves them so), attention's input projection
+    Xavier-uniform with zero biases (``nn.MultiheadAttention``'s), and the class token, position embeddings and
+    projection normal with std ``width ** -0.5``. Random draws come from torch's global generator.
+
+    At small widths this matters: timm's std 0.02 leaves a 64-wide tower near zero for its first epochs.
+    """
+    for module in trunk.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
+            module.reset_parameters()  # PyTorch's defaults (OpenCLIP's conv1, MLPs, norms)
+    for block in getattr(trunk, "blocks", ()):
+        nn.init.xavier_uniform_(block.attn.qkv.weight)  # nn.MultiheadAttention's in_proj_weight
+        if block.attn.qkv.bias is not None:
+            nn.init.zeros_(block.attn.qkv.bias)
+        nn.init.zeros_(block.attn.proj.bias)
+    width = trunk.num_features
+    for name in ("cls_token", "pos_embed"):
+        if getattr(trunk, name, None) is not None:
+            nn.init.normal_(getattr(trunk, name), std=width**-0.5)
+    if isinstance(proj, nn.Linear):
+        nn.init.normal_(proj.weight, std=width**-0.5)
 
 
 class TimmImageTower(nn.Module):
@@ -37,6 +63,8 @@ class TimmImageTower(nn.Module):
         proj: ``linear`` (a projection after the trunk) or ``none`` (the trunk's head outputs ``embed_dim``).
         proj_bias: OpenCLIP's projections have none.
         pool: the trunk's global pooling (timm's ``global_pool``); ``None`` keeps the model's default.
+        init: ``timm`` (the trunk's own initialisation) or ``openclip`` (OpenCLIP's ``VisionTransformer``'s, see
+            :func:`init_like_openclip`; ViT trunks only).
     """
 
     def __init__(
@@ -48,10 +76,13 @@ class TimmImageTower(nn.Module):
         proj: str = "linear",
         proj_bias: bool = False,
         pool: str | None = None,
+        init: str = "timm",
     ) -> None:
         super().__init__()
         if proj not in PROJECTIONS:
             raise ValueError(f"proj must be one of {PROJECTIONS}, got {proj!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.image_size = image_size
         self.timm_model = timm_model
         self.timm_kwargs = dict(timm_kwargs or {})
@@ -67,6 +98,10 @@ class TimmImageTower(nn.Module):
             nn.init.normal_(self.proj.weight, std=width**-0.5)
         else:
             self.proj = nn.Identity()
+        if init == "openclip":
+            if not hasattr(self.trunk, "blocks") or not hasattr(self.trunk, "pos_embed"):
+                raise ValueError(f"init 'openclip' is OpenCLIP's ViT initialisation; {timm_model} is not a ViT")
+            init_like_openclip(self.trunk, self.proj)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)
