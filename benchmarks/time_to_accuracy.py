@@ -83,9 +83,9 @@ OPENCLIP_BEST = (
 #: the method cards: (label, overrides of the fastest recipe)
 ALGORITHM_VARIANTS = {
     "patch_dropout": ["+algorithms.patch_dropout={prob: 0.5}"],
-    "ema": ["+algorithms.ema={half_life: 0.05dur}"],
+    "ema": ["+algorithms.ema={half_life: 0.02dur}"],
     "lock_text": ["+algorithms.lock_text={unlocked_layers: 3}"],
-    "lock_image": ["+algorithms.lock_image={unlocked_groups: 2}"],
+    "lock_image": ["+algorithms.lock_image={unlocked_groups: 3}"],
     "torch_compile": ["+algorithms.torch_compile={}"],
     "progressive_resizing": ["+algorithms.progressive_resizing={initial_scale: 0.5}"],
     "clipa": ["+algorithms.clipa={image_scale: 0.5, text_length: 8, finetune_fraction: 0.2}"],
