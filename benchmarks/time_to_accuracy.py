@@ -76,10 +76,7 @@ OPENCLIP_MAIN = (
     "from open_clip_train.main import main; main(sys.argv[2:])"
 )
 #: OpenCLIP's best flags for this job (see the module doc and the sweep in the results' notes)
-OPENCLIP_BEST = (
-    "--batch-size 16 --lr 1e-3 --wd 0.1 --warmup 90 --epochs 10 --workers 1 --precision fp32 "
-    "--lock-text --lock-text-unlocked-layers 3 --lock-text-freeze-layer-norm"
-).split()
+OPENCLIP_BEST = "--batch-size 16 --lr 1e-3 --wd 0.1 --warmup 54 --epochs 6 --workers 1 --precision fp32".split()
 #: the method cards: (label, overrides of the fastest recipe)
 ALGORITHM_VARIANTS = {
     "patch_dropout": ["+algorithms.patch_dropout={prob: 0.5}"],
