@@ -18,8 +18,10 @@ with the caption length, while accuracy falls much less, more so for larger mode
 shorter sequences see more samples. It hurts when the low-resolution phase cannot see what separates the classes,
 or when the full-resolution phase is too short to adapt to it.
 
-**Measured** (``python benchmarks/time_to_accuracy.py --algorithms``): see the method-card table in README's
-"Time to accuracy" section.
+**Measured** (time to accuracy, `python benchmarks/time_to_accuracy.py --algorithms`; digits, `tiny-vit`, seed 0, 2
+shared CPU cores, 2026-12-06 05:10 UTC): switched on in the fastest recipe (`yamls/digits_fast.yaml`), 90% zero-shot
+top-1 after never against 93.29 s without (—), best top-1 within 400 s 0.5404 against 0.9554 (-41.5 pt). README's
+method-card table has every algorithm side by side.
 """
 
 from __future__ import annotations

@@ -266,16 +266,16 @@ def measure(system, paths, logs, name, seed, extra, budget, evaluator) -> dict:
     return {"seed": seed, "seconds_run": round(ran, 1), "curve": curve, "best_top1": best, **reached}
 
 
-def median_or_none(values: list[float | None]) -> float | None:
+def median_or_none(values: list[float | None], digits: int = 2) -> float | None:
     """The median, a missing value counting as never (infinite); ``None`` when most runs never got there."""
     ordered = sorted(math.inf if v is None else v for v in values)
     middle = statistics.median(ordered) if ordered else math.inf
-    return None if math.isinf(middle) else round(middle, 2)
+    return None if math.isinf(middle) else round(middle, digits)
 
 
 def summarise(runs: list[dict]) -> dict:
     out = {key: median_or_none([r[key] for r in runs]) for key in (f"t{round(100 * t)}" for t in TARGETS)}
-    out["best_top1"] = median_or_none([r["best_top1"] for r in runs])
+    out["best_top1"] = median_or_none([r["best_top1"] for r in runs], digits=4)
     return out
 
 
