@@ -6,6 +6,8 @@ OpenCLIP's trainer (``open_clip_train`` 3.3.0) against Cadenza, the same network
     python benchmarks/time_to_accuracy.py --split-seed 1 --name time_to_accuracy_split1   # another random split
     python benchmarks/time_to_accuracy.py --algorithms   # the method cards: the fastest recipe with each algorithm
                                                          # switched, -> time_to_accuracy_algorithms.{md,json}
+    python benchmarks/time_to_accuracy.py --systems openclip-best --openclip-best "--batch-size 32 ..."  # a sweep
+    python benchmarks/time_to_accuracy.py --recipe "+algorithms.lock_text={unlocked_layers: 3}"  # a recipe variant
 
 1. **Data.** ``cadenza.datasets.digits`` (``--split-seed`` draws the split and the captions): the training split as
    MDS shards (what Cadenza's recipes read) and as OpenCLIP's CSV with PNG files (what its trainer reads; Cadenza's
