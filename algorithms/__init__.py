@@ -1,6 +1,7 @@
 """Training techniques toggled in YAML under ``algorithms:``. One module per algorithm; importing
 this package registers them all."""
 
+from cadenza.algorithms.clipa import CLIPA
 from cadenza.algorithms.distillation import Distillation
 from cadenza.algorithms.ema import EMA
 from cadenza.algorithms.grad_checkpointing import GradCheckpointing
@@ -8,9 +9,12 @@ from cadenza.algorithms.gradient_clipping import GradientClipping
 from cadenza.algorithms.lock_image import LockImage
 from cadenza.algorithms.lock_text import LockText
 from cadenza.algorithms.patch_dropout import PatchDropout
+from cadenza.algorithms.progressive_resizing import ProgressiveResizing
+from cadenza.algorithms.text_token_reduction import TextTokenReduction
 from cadenza.algorithms.torch_compile import TorchCompile
 
 __all__ = [
+    "CLIPA",
     "EMA",
     "Distillation",
     "GradCheckpointing",
@@ -18,5 +22,7 @@ __all__ = [
     "LockImage",
     "LockText",
     "PatchDropout",
+    "ProgressiveResizing",
+    "TextTokenReduction",
     "TorchCompile",
 ]

@@ -6,6 +6,11 @@ stage; the final norm joins the last block), then the projection / pooling head 
 ``unlocked_groups: 0`` freezes the whole tower, and as many groups as the tower has (or more) leave it all trainable,
 as in OpenCLIP (with a warning); ``freeze_bn_stats`` also stops BatchNorm statistics
 from updating in frozen groups (ResNet towers). Runs once, on ``INIT``, before the optimizer is built.
+
+**Measured** (time to accuracy, `python benchmarks/time_to_accuracy.py --algorithms`; digits, `tiny-vit`, seed 0, 2
+shared CPU cores, 2026-12-06 05:10 UTC): switched on in the fastest recipe (`yamls/digits_fast.yaml`), 90% zero-shot
+top-1 after 80.53 s against 93.29 s without (1.16x), best top-1 within 400 s 0.9499 against 0.9554 (-0.5 pt).
+README's method-card table has every algorithm side by side.
 """
 
 from __future__ import annotations

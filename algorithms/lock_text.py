@@ -5,6 +5,11 @@ Groups follow OpenCLIP: [token and positional embeddings], each block but the la
 final LayerNorm], [projection]. ``freeze_layer_norm: false`` leaves the LayerNorms of the frozen
 groups trainable (OpenCLIP asserts it is true for its own text tower; here both work). Runs once,
 on ``INIT``, before the optimizer is built.
+
+**Measured** (time to accuracy, `python benchmarks/time_to_accuracy.py --algorithms`; digits, `tiny-vit`, seed 0, 2
+shared CPU cores, 2026-12-06 05:10 UTC): switched on in the fastest recipe (`yamls/digits_fast.yaml`), 90% zero-shot
+top-1 after 63.26 s against 93.29 s without (1.47x), best top-1 within 400 s 0.9443 against 0.9554 (-1.1 pt).
+README's method-card table has every algorithm side by side.
 """
 
 from __future__ import annotations

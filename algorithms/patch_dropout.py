@@ -4,6 +4,11 @@ https://arxiv.org/abs/2212.00794; OpenCLIP's ``--force-patch-dropout``).
 Dropping half the patches roughly halves the image tower's cost with a small accuracy cost. The class
 token is always kept; evaluation sees every patch (the dropout module is inactive in eval mode).
 Runs once, on ``INIT``, by installing timm's ``PatchDropout`` in the ViT trunk.
+
+**Measured** (time to accuracy, `python benchmarks/time_to_accuracy.py --algorithms`; digits, `tiny-vit`, seed 0, 2
+shared CPU cores, 2026-12-06 05:10 UTC): switched on in the fastest recipe (`yamls/digits_fast.yaml`), 90% zero-shot
+top-1 after never against 93.29 s without (—), best top-1 within 400 s 0.8663 against 0.9554 (-8.9 pt). README's
+method-card table has every algorithm side by side.
 """
 
 from __future__ import annotations

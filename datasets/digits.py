@@ -14,6 +14,11 @@ This splits them (seeded, stratified) into a training set and a held-out test se
     <out>/test/<d>/*.png  the held-out split as an image folder, for ``eval.zero_shot``
     <out>/test_captions.json  the held-out images with 5 captions each, in Karpathy's split format
                           (image–text retrieval in ``yamls/eval/digits.yaml``)
+    <out>/csv/            with ``--csv``: the same training samples as OpenCLIP's CSV format (``train.csv``:
+                          tab-separated ``filepath`` and ``title`` columns, OpenCLIP's defaults; the images as
+                          PNG files in ``images/``, named by absolute path), for OpenCLIP's trainer or ``type: csv``
+
+``--seed`` draws the split (and the captions): another seed is another random split of the same scans.
 
 Captions vary so that the contrastive task is not one fixed sentence per class: several phrasings,
 the digit as a word or a numeral ("a handwritten digit seven", "the number 7 written by hand", ...).
@@ -81,30 +86,42 @@ def to_png(pixels: np.ndarray, size: int) -> bytes:
 
 
 def build(
-    out: str | Path, size: int = 32, test_fraction: float = 0.2, captions: int = 2, seed: int = 0, progress: bool = True
+    out: str | Path,
+    size: int = 32,
+    test_fraction: float = 0.2,
+    captions: int = 2,
+    seed: int = 0,
+    progress: bool = True,
+    csv: bool = False,
 ) -> dict:
-    """Write ``<out>/mds`` and ``<out>/test``; return the counts."""
+    """Write ``<out>/mds`` and ``<out>/test`` (and ``<out>/csv`` with ``csv``); return the counts."""
     from sklearn.datasets import load_digits
 
     out = Path(out)
     digits = load_digits()
     train, test = split(digits.target, test_fraction, seed)
     rng = np.random.default_rng(seed + 1)
-
-    def items():
-        for index in train:
-            label = int(digits.target[index])
-            png = to_png(digits.images[index], size)
-            for template in rng.choice(TEMPLATES, size=captions, replace=False):
-                yield Item(f"digit {index}", png, caption(label, str(template)), label)
+    items = []  # (index, png, caption, label), the same samples for MDS and CSV
+    for index in train:
+        label = int(digits.target[index])
+        png = to_png(digits.images[index], size)
+        for template in rng.choice(TEMPLATES, size=captions, replace=False):
+            items.append((int(index), png, caption(label, str(template)), label))
 
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     columns = {"jpg": "pil", "txt": "str", "cls": "int"}  # pixels: nothing to decode when training
     report = convert(
-        items(), str(out / "mds"), columns, total=len(train) * captions, progress=progress, source="scikit-learn digits"
+        (Item(f"digit {index}", png, text, label) for index, png, text, label in items),
+        str(out / "mds"),
+        columns,
+        total=len(items),
+        progress=progress,
+        source="scikit-learn digits",
     )
+    if csv:
+        write_csv(out / "csv", items)
     images = []
     for index in test:
         label = int(digits.target[index])
@@ -119,16 +136,30 @@ def build(
     return {"train_images": len(train), "train_samples": report.samples, "test_images": len(test)}
 
 
+def write_csv(folder: Path, items: list[tuple[int, bytes, str, int]]) -> None:
+    """``folder/train.csv`` (tab-separated ``filepath``, ``title``; absolute paths: OpenCLIP's trainer reads them
+    from its working directory) and ``folder/images/``."""
+    (folder / "images").mkdir(parents=True)
+    lines = ["filepath\ttitle"]
+    for index, png, text, _ in items:
+        path = folder / "images" / f"{index:04d}.png"
+        if not path.exists():
+            path.write_bytes(png)
+        lines.append(f"{path.resolve()}\t{text}")
+    (folder / "train.csv").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cadenza.datasets.digits", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="data/digits", help="output folder (replaced)")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (the model's input size)")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share of each class held out")
     parser.add_argument("--captions", type=int, default=2, help="captions (samples) per training image")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="draws the split and the captions")
+    parser.add_argument("--csv", action="store_true", help="also write the training split as CSV + PNG files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    counts = build(args.out, args.size, args.test_fraction, args.captions, args.seed)
+    counts = build(args.out, args.size, args.test_fraction, args.captions, args.seed, csv=args.csv)
     log.info(
         "digits: %d training images (%d image-caption samples) in %s/mds, %d held-out images in %s/test",
         counts["train_images"],

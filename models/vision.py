@@ -19,9 +19,36 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import Format
 from torch import nn
 
 PROJECTIONS = ("linear", "none")
+#: how a ViT trunk's weights start: timm's (truncated normal, std 0.02) or OpenCLIP's VisionTransformer's
+INITS = ("timm", "openclip")
+
+
+def init_like_openclip(trunk: nn.Module, proj: nn.Module) -> None:
+    """Initialise a timm ViT trunk and its projection as OpenCLIP 3.3.0's ``VisionTransformer`` starts: PyTorch's
+    default initialisation of every layer (its ``init_parameters`` leaves them so), attention's input projection
+    Xavier-uniform with zero biases (``nn.MultiheadAttention``'s), and the class token, position embeddings and
+    projection normal with std ``width ** -0.5``. Random draws come from torch's global generator.
+
+    At small widths this matters: timm's std 0.02 leaves a 64-wide tower near zero for its first epochs.
+    """
+    for module in trunk.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
+            module.reset_parameters()  # PyTorch's defaults (OpenCLIP's conv1, MLPs, norms)
+    for block in getattr(trunk, "blocks", ()):
+        nn.init.xavier_uniform_(block.attn.qkv.weight)  # nn.MultiheadAttention's in_proj_weight
+        if block.attn.qkv.bias is not None:
+            nn.init.zeros_(block.attn.qkv.bias)
+        nn.init.zeros_(block.attn.proj.bias)
+    width = trunk.num_features
+    for name in ("cls_token", "pos_embed"):
+        if getattr(trunk, name, None) is not None:
+            nn.init.normal_(getattr(trunk, name), std=width**-0.5)
+    if isinstance(proj, nn.Linear):
+        nn.init.normal_(proj.weight, std=width**-0.5)
 
 
 class TimmImageTower(nn.Module):
@@ -36,6 +63,8 @@ class TimmImageTower(nn.Module):
         proj: ``linear`` (a projection after the trunk) or ``none`` (the trunk's head outputs ``embed_dim``).
         proj_bias: OpenCLIP's projections have none.
         pool: the trunk's global pooling (timm's ``global_pool``); ``None`` keeps the model's default.
+        init: ``timm`` (the trunk's own initialisation) or ``openclip`` (OpenCLIP's ``VisionTransformer``'s, see
+            :func:`init_like_openclip`; ViT trunks only).
     """
 
     def __init__(
@@ -47,10 +76,13 @@ class TimmImageTower(nn.Module):
         proj: str = "linear",
         proj_bias: bool = False,
         pool: str | None = None,
+        init: str = "timm",
     ) -> None:
         super().__init__()
         if proj not in PROJECTIONS:
             raise ValueError(f"proj must be one of {PROJECTIONS}, got {proj!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.image_size = image_size
         self.timm_model = timm_model
         self.timm_kwargs = dict(timm_kwargs or {})
@@ -66,6 +98,10 @@ class TimmImageTower(nn.Module):
             nn.init.normal_(self.proj.weight, std=width**-0.5)
         else:
             self.proj = nn.Identity()
+        if init == "openclip":
+            if not hasattr(self.trunk, "blocks") or not hasattr(self.trunk, "pos_embed"):
+                raise ValueError(f"init 'openclip' is OpenCLIP's ViT initialisation; {timm_model} is not a ViT")
+            init_like_openclip(self.trunk, self.proj)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)
@@ -73,6 +109,30 @@ class TimmImageTower(nn.Module):
     def no_weight_decay(self) -> set[str]:
         names = getattr(self.trunk, "no_weight_decay", lambda: set())()
         return {f"trunk.{name}" for name in names}
+
+    @property
+    def patch_size(self) -> int | None:
+        """A ViT trunk's patch side in pixels; ``None`` for towers without patches (ResNet, ConvNeXt)."""
+        patch_embed = getattr(self.trunk, "patch_embed", None)
+        return int(patch_embed.patch_size[0]) if hasattr(patch_embed, "patch_size") else None
+
+    def accept_any_image_size(self) -> None:
+        """Let a ViT trunk take square images of any multiple of its patch size (low-resolution training).
+
+        Position embeddings are resampled (bicubic, timm's ``dynamic_img_size``) to the input's patch grid in every
+        forward; at ``image_size`` they are used as they are, so the tower's function there is unchanged, and its
+        parameters (names and shapes) stay the same: checkpoints and exports are unaffected.
+
+        Raises:
+            ValueError: the trunk is not a ViT.
+        """
+        if self.patch_size is None or not hasattr(self.trunk, "dynamic_img_size"):
+            raise ValueError(f"{self.timm_model} has no patch grid to resample; other image sizes need a ViT tower")
+        self.trunk.dynamic_img_size = True
+        patch_embed = self.trunk.patch_embed
+        patch_embed.strict_img_size = False  # any multiple of the patch
+        patch_embed.flatten = False  # (B, H, W, C): the trunk flattens after adding the resampled embeddings
+        patch_embed.output_fmt = Format.NHWC
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.proj(self.trunk(images))  # (B, 3, H, W) -> (B, width) -> (B, E)
