@@ -9,7 +9,8 @@ processes (or workers) continues with exactly the samples it had not seen.
 A dataset that sets ``epoch_keys = True`` is indexed with ``(epoch, index)`` pairs, so it can seed each
 sample's augmentation from ``(seed, epoch, index)`` (see ``samples.py``). A dataset whose ``collate_fn``
 returns ``SampleBatch`` reports skipped samples through it; the loader strips them, yields ``(images,
-tokens)`` and counts them in ``skipped``.
+tokens)`` (plus the batch's ``extras``, when it has any: every caption of each image in evaluation) and counts them in
+``skipped``.
 
 ``ResumableLoader`` is a ``cadenza.engine.loader.Loader``; a map-style format registers ``resumable(its class)``,
 so that ``DATASETS.build`` returns the loader, as it does for the formats with loaders of their own.
@@ -98,6 +99,11 @@ class ResumableLoader:
     """
 
     def __init__(self, dataset: Dataset, context: LoaderContext) -> None:
+        if context.extras:
+            raise ValueError(
+                f"{getattr(dataset, 'source', type(dataset).__name__)} cannot carry {', '.join(sorted(context.extras))} "
+                "(stored teacher embeddings come from MDS shards written by composer convert --teacher: type streaming)"
+            )
         self.dataset = dataset
         self.batch_size = context.batch_size
         self.sampler = ResumableSampler(
@@ -154,7 +160,7 @@ class ResumableLoader:
             self._consumed_batches += 1
             if isinstance(batch, SampleBatch):
                 self._skips.add(batch.skipped)
-                batch = (batch.images, batch.tokens)
+                batch = batch.as_tuple()
             yield batch
 
     def state_dict(self) -> dict[str, int]:
