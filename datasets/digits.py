@@ -12,6 +12,9 @@ This splits them (seeded, stratified) into a training set and a held-out test se
                           ``pil``, 1 KB each): decoding a 32 px PNG took about a sixth of
                           the loader's time
     <out>/test/<d>/*.png  the held-out split as an image folder, for ``eval.zero_shot``
+    <out>/train.csv       the training split once more, one row per image with all its captions (a JSON list
+                          in the ``captions`` column; images in <out>/train/<d>/*.png): the source of a
+                          reinforced dataset (``composer convert --captions captions --teacher ...``)
 
 Captions vary so that the contrastive task is not one fixed sentence per class: several phrasings,
 the digit as a word or a numeral ("a handwritten digit seven", "the number 7 written by hand", ...).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import shutil
 import sys
@@ -88,12 +92,19 @@ def build(
     train, test = split(digits.target, test_fraction, seed)
     rng = np.random.default_rng(seed + 1)
 
+    rows = ["filepath\tcaptions"]
+
     def items():
         for index in train:
             label = int(digits.target[index])
             png = to_png(digits.images[index], size)
-            for template in rng.choice(TEMPLATES, size=captions, replace=False):
-                yield Item(f"digit {index}", png, caption(label, str(template)), label)
+            texts = [caption(label, str(template)) for template in rng.choice(TEMPLATES, size=captions, replace=False)]
+            path = Path("train") / str(label) / f"{index:04d}.png"
+            (out / path).parent.mkdir(parents=True, exist_ok=True)
+            (out / path).write_bytes(png)
+            rows.append(f"{path}\t{json.dumps(texts)}")
+            for text in texts:
+                yield Item(f"digit {index}", png, text, label)
 
     if out.exists():
         shutil.rmtree(out)
@@ -102,6 +113,7 @@ def build(
     report = convert(
         items(), str(out / "mds"), columns, total=len(train) * captions, progress=progress, source="scikit-learn digits"
     )
+    (out / "train.csv").write_text("\n".join(rows) + "\n")
     for index in test:
         label = int(digits.target[index])
         folder = out / "test" / str(label)

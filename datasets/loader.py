@@ -99,11 +99,6 @@ class ResumableLoader:
     """
 
     def __init__(self, dataset: Dataset, context: LoaderContext) -> None:
-        if context.extras:
-            raise ValueError(
-                f"{getattr(dataset, 'source', type(dataset).__name__)} cannot carry {', '.join(sorted(context.extras))} "
-                "(stored teacher embeddings come from MDS shards written by composer convert --teacher: type streaming)"
-            )
         self.dataset = dataset
         self.batch_size = context.batch_size
         self.sampler = ResumableSampler(
@@ -183,8 +178,10 @@ def resumable(dataset_class: Callable[..., Dataset]) -> Callable[..., ResumableL
     """The ``DATASETS`` builder of a map-style dataset: ``dataset_class(**args, context=context)`` in a
     ``ResumableLoader``.
 
-    The builder's signature is the class's (its YAML arguments and ``context``), so the registry checks YAML
-    against it. A dataset smaller than one global batch is a ``ConfigError`` of ``data.batch_size``.
+    The builder's signature is the class's (its YAML arguments and ``context``), so the registry checks YAML against
+    it. A dataset smaller than one global batch is a ``ConfigError`` of ``data.batch_size``. A map-style format carries
+    no ``extras`` in training: asking for some is a ``ValueError`` (the registry makes it a ``ConfigError`` of the
+    section).
 
     Args:
         dataset_class: a map-style dataset whose arguments include ``context: LoaderContext``.
@@ -192,6 +189,12 @@ def resumable(dataset_class: Callable[..., Dataset]) -> Callable[..., ResumableL
 
     def build(**args: Any) -> ResumableLoader:
         dataset = dataset_class(**args)
+        extras = args["context"].extras
+        if extras:  # a ValueError: the registry names the section
+            raise ValueError(
+                f"{getattr(dataset, 'source', dataset_class.__name__)} cannot carry {', '.join(sorted(extras))} "
+                "(stored teacher embeddings come from MDS shards written by composer convert --teacher: type streaming)"
+            )
         try:
             return ResumableLoader(dataset, args["context"])
         except ValueError as error:
