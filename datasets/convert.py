@@ -434,8 +434,8 @@ def _prepare_parts(out: str, plan: Plan, overwrite: bool, resume: bool) -> None:
     store = get_object_store(out)
     wanted = json.dumps(asdict(plan), indent=2, sort_keys=True)
     existing = store.read_bytes(PLAN)
-    if resume:
-        if existing is not None and json.loads(existing) != json.loads(wanted):
+    if resume and existing is not None:  # without a plan there is nothing to resume: a fresh start, as without
+        if json.loads(existing) != json.loads(wanted):
             before = json.loads(existing)
             changed = sorted(k for k in set(before) | set(asdict(plan)) if before.get(k) != asdict(plan).get(k))
             raise DataError(

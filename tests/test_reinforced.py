@@ -189,7 +189,7 @@ def test_ensemble_loss_averages_the_teachers_after_the_softmax():
 def test_stored_distillation_trains_and_resumes_exactly(reinforced, tiny):
     data = f"data.train={{type: streaming, remote: '{reinforced['out']}', captions: {{first: 1, syn: 3}}, num_samples: null}}"
     algorithm = "+algorithms.distillation={source: stored, temperature: 0.02}"
-    record = check_exact_resume(tiny, (data, algorithm, "data.batch_size=4"), steps=5, split=2, workers=(0, 1))
+    record = check_exact_resume(tiny, (data, algorithm, "data.batch_size=4", "run.peak_tflops=1"), 5, 2, (0, 1))
     seen = [caption for ids in record.ids for caption in ids]
     assert all(caption % 100 < SAMPLES for caption in seen) and any(caption >= 100 for caption in seen)
 
@@ -263,3 +263,62 @@ def test_mismatches_are_config_errors_before_any_work(reinforced, tiny, tmp_path
     assert error.value.key == "data.train"
     with pytest.raises(ConfigError, match="loads no teacher"):
         Trainer(tiny("+algorithms.distillation={source: stored, teacher: tiny-vit}"))
+
+
+def write_digits_stand_in(folder: Path, images: int = 12) -> None:
+    """``python -m cadenza.datasets.digits``'s layout (mds/, train.csv, train/, test/) for a few digits."""
+    from sklearn.datasets import load_digits
+
+    from cadenza.datasets.convert import Item, convert
+    from cadenza.datasets.digits import TEMPLATES, caption, to_png
+
+    digits = load_digits()
+    rows, items = ["filepath\tcaptions"], []
+    for index in range(images):
+        label, png = int(digits.target[index]), to_png(digits.images[index], 32)
+        texts = [caption(label, template) for template in TEMPLATES[index % 3 : index % 3 + 2]]
+        path = folder / "train" / str(label) / f"{index}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png)
+        rows.append(f"{path.relative_to(folder)}\t{json.dumps(texts)}")
+        items += [Item(str(index), png, text, label) for text in texts]
+    (folder / "train.csv").write_text("\n".join(rows) + "\n")
+    convert(items, str(folder / "mds"), {"jpg": "pil", "txt": "str", "cls": "int"}, progress=False)
+    for label in range(10):
+        index = int(np.flatnonzero(digits.target == label)[-1])
+        (folder / "test" / str(label)).mkdir(parents=True)
+        (folder / "test" / str(label) / f"{index}.png").write_bytes(to_png(digits.images[index], 32))
+
+
+def test_readme_worked_example_runs(tmp_path, monkeypatch, capsys):
+    """README's reinforced-data commands, run as written on a stand-in for the digits, each training 2 steps."""
+    import re
+    import shlex
+
+    from cadenza.train import cli
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("The worked example, on the quickstart's digits") :]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    lines = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+    assert lines[0] == "python -m cadenza.datasets.digits --out data/digits"
+    assert [line.split()[1] for line in lines[1:]] == [
+        "yamls/quickstart_teacher.yaml", "convert", "yamls/quickstart_reinforced.yaml", "eval"
+    ]  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "yamls").symlink_to(ROOT / "yamls")
+    write_digits_stand_in(tmp_path / "data" / "digits")
+    short = ["run.duration=2ba", "data.batch_size=4", "data.workers=0", "eval.interval=2ba", "run.peak_tflops=1"]
+    for line in lines[1:]:
+        argv = shlex.split(line)[1:]
+        if argv[0] == "convert":
+            argv.append("--no-progress")
+        elif argv[0] == "eval":
+            argv += ["data.batch_size=4", "data.workers=0"]
+        else:
+            argv += [*short, "checkpoint.save_interval=2ba"]
+        assert cli.main(argv) == 0, line
+    assert json.loads(Path("data/digits/reinforced/cadenza-convert.json").read_text())["reinforced"]["views"] == 10
+    rows = [json.loads(row) for row in Path("logs/quickstart-reinforced/metrics.jsonl").read_text().splitlines()]
+    assert any("train/distill_loss" in row for row in rows)
+    assert "val/digits-zeroshot-val-top1:" in capsys.readouterr().out
