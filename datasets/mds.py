@@ -279,7 +279,7 @@ class MDSImageCaptions(StreamingDataset):
         for field in self.stored_fields:
             rows[field] = total
             if field not in counts:  # stored, not drawn from: counted for the rows after it
-                counts[field] = len(caption_list(sample[field])) if self.rule.listed else 1
+                counts[field] = len(caption_list(sample[field]))
             total += counts[field]
         for _, text_key, _ in self.teachers:
             if len(sample[text_key]) != total:

@@ -107,19 +107,19 @@ def validation_rows(kind: str, args: dict, tmp_path: Path) -> list[tuple[int, se
 def test_captions_are_drawn_per_step_and_resume_exactly_in_every_format(kind, tmp_path):
     args = SOURCES[kind](tmp_path / "data")
     loader = build(kind, args, tmp_path)
-    drawn: dict[int, list[int]] = {}  # sample -> its caption in epoch 0, 1, 2
-    for epoch in range(3):
+    drawn: dict[int, list[int]] = {}  # sample -> its caption in epoch 0, 1
+    for epoch in range(2):
         loader.set_epoch(epoch)
         for _, tokens in loader:
             for caption in ids_of(tokens):
                 drawn.setdefault(caption % 100, []).append(caption)
-    assert sorted(drawn) == list(range(SAMPLES)) and all(len(c) == 3 for c in drawn.values())
+    assert sorted(drawn) == list(range(SAMPLES)) and all(len(c) == 2 for c in drawn.values())
     for index, captions in drawn.items():
         assert set(captions) <= every_caption(index)
         if not synthetic_captions(index):
-            assert captions == [index] * 3  # only the first field has captions: it is drawn whatever its weight
+            assert captions == [index] * 2  # only the first field has captions: it is drawn whatever its weight
     assert any(len(set(c)) > 1 for c in drawn.values())  # steps of different epochs see different captions
-    assert sum(c >= 100 for captions in drawn.values() for c in captions) >= 6  # the synthetic field is drawn
+    assert sum(c >= 100 for captions in drawn.values() for c in captions) >= 4  # the synthetic field is drawn
 
     # the same draw in a loader built anew, and after a checkpoint mid-epoch
     loader.set_epoch(1)
@@ -161,13 +161,15 @@ def test_caption_rule_draws_by_weight_and_names_bad_settings():
             CaptionRule(bad, "txt")
 
 
-def test_a_bad_captions_setting_is_a_config_error_of_the_section(tiny, tmp_path):
+def test_a_bad_captions_setting_is_a_config_error_of_the_section(tmp_path):
     args = write_csv(tmp_path / "data")
-    with pytest.raises(ConfigError, match="data.train") as error:
-        Trainer(tiny(f"data.train={{type: csv, path: '{args['path']}', captions: {{first: -1}}, num_samples: null}}"))
-    assert "non-negative" in str(error.value)
+    with pytest.raises(ConfigError, match="non-negative") as error:
+        build("csv", {**args, "captions": {"first": -1}}, tmp_path)
+    assert error.value.key == "data.train"
     with pytest.raises(ConfigError, match="no column 'nope'"):
-        Trainer(tiny(f"data.train={{type: csv, path: '{args['path']}', captions: [first, nope], num_samples: null}}"))
+        build("csv", {**args, "captions": ["first", "nope"]}, tmp_path)
+    with pytest.raises(ConfigError, match="either captions"):
+        build("streaming", {**write_mds(tmp_path / "mds"), "caption_key": "first"}, tmp_path)
 
 
 def test_retrieval_counts_any_caption_of_an_image(tmp_path):
@@ -237,6 +239,4 @@ def test_convert_carries_every_caption_field(tmp_path):
         assert columns == {"jpg": "jpeg", "first": "json", "syn": "json"}
         dataset = StreamingDataset(local=str(out), batch_size=1)
         read = {int(s["first"][0].split()[1]): s["syn"] for s in (dataset[i] for i in range(len(dataset)))}
-        assert read == {i: synthetic_captions(i) for i in range(SAMPLES)}
-        rows = validation_rows("streaming", {"remote": str(out), "captions": ["first", "syn"]}, tmp_path / name)
-        assert all(every == every_caption(first) for first, every in rows) and len(rows) == SAMPLES
+        assert read == {i: synthetic_captions(i) for i in range(SAMPLES)}  # what the captions rule reads (tested above)

@@ -4,8 +4,9 @@ teachers' embedding of the very views training replays; the stored loss and grad
 on the same views within fp16 rounding; training resumes exactly; convert resumes and runs on two processes;
 mismatches are config errors before any work.
 
-The teachers: a tiny-vit with another width (a Cadenza checkpoint of 2 steps, whose ``model.overrides`` convert reads
-back) and a tiny-vit with random weights; the data: ``test_captions``' 12 images with two caption fields.
+The teachers: a tiny-vit with another width (a Cadenza checkpoint, whose ``model.overrides`` convert reads back; the
+README test converts with one a run wrote) and a tiny-vit's bare weights; the data: ``test_captions``' 12 images with
+two caption fields.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from cadenza.algorithms.distillation import Distillation, build_teacher, stored_teacher_outputs, teacher_outputs
 from cadenza.datasets import convert as convert_module
@@ -34,6 +36,7 @@ from cadenza.engine.state import State
 from cadenza.models import create_model
 from cadenza.models.losses import ClipLoss, DistillClipLoss
 from cadenza.models.tokenizer import get_tokenizer
+from cadenza.train.config import to_yaml
 from cadenza.train.trainer import Trainer
 
 from .conftest import ROOT, tiny_config
@@ -49,11 +52,12 @@ def reinforced(tmp_path_factory) -> dict:
     """The CSV, the two teachers' specs, and their reinforced conversion (3 parts of at most 5 images)."""
     root = tmp_path_factory.mktemp("reinforced")
     csv = write_csv(root / "csv")["path"]
-    trained = tiny_config(root, "run.name=teacher", "run.duration=2ba", "data.val=null", f"model.overrides={WIDE}")
-    Trainer(trained).fit()
     torch.manual_seed(7)
-    torch.save(create_model("tiny-vit").state_dict(), root / "random.pt")
-    teachers = [f"tiny-vit:{root}/logs/teacher/checkpoints/epoch_latest.pt", f"tiny-vit:{root}/random.pt"]
+    wide = tiny_config(root, f"model.overrides={WIDE}")  # a Cadenza checkpoint: weights and the config they need
+    model = create_model("tiny-vit", **OmegaConf.to_container(wide.model.overrides))
+    torch.save({"state_dict": model.state_dict(), "config": to_yaml(wide)}, root / "wide.pt")
+    torch.save(create_model("tiny-vit").state_dict(), root / "random.pt")  # bare weights
+    teachers = [f"tiny-vit:{root}/wide.pt", f"tiny-vit:{root}/random.pt"]
     out = root / "dr"
     command = ["--from", "csv", csv, "--captions", "first", "syn", "--views", str(VIEWS), "--part-size", "5"]
     command += [flag for spec in teachers for flag in ("--teacher", spec)] + ["--seed", "11", "--no-progress"]
@@ -189,7 +193,7 @@ def test_ensemble_loss_averages_the_teachers_after_the_softmax():
 def test_stored_distillation_trains_and_resumes_exactly(reinforced, tiny):
     data = f"data.train={{type: streaming, remote: '{reinforced['out']}', captions: {{first: 1, syn: 3}}, num_samples: null}}"
     algorithm = "+algorithms.distillation={source: stored, temperature: 0.02}"
-    record = check_exact_resume(tiny, (data, algorithm, "data.batch_size=4", "run.peak_tflops=1"), 5, 2, (0, 1))
+    record = check_exact_resume(tiny, (data, algorithm, "data.batch_size=4", "run.peak_tflops=1"), 4, 2, (0, 1))
     seen = [caption for ids in record.ids for caption in ids]
     assert all(caption % 100 < SAMPLES for caption in seen) and any(caption >= 100 for caption in seen)
 
