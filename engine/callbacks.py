@@ -218,17 +218,23 @@ class RetrievalEvaluator(Callback):
 def _gather_rows(
     images: torch.Tensor, texts: torch.Tensor, captions: torch.Tensor | None, caption_image: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Every process's rows, in rank order; each caption's image index shifted to its image's global row."""
+    """Every process's rows, in rank order (see ``merge_rows``)."""
     if dist.get_world_size() == 1:
         return images, texts, captions, caption_image
     parts: list = [None] * dist.get_world_size()
     torch.distributed.all_gather_object(parts, (images, texts, captions, caption_image))
-    offsets = [0]
-    for part in parts:
-        offsets.append(offsets[-1] + len(part[0]))
+    return merge_rows(parts)
+
+
+def merge_rows(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Processes' ``(images, texts, captions, caption_image)`` as one: rows concatenated in rank order, and each
+    caption's image (a row of its own process's images) shifted to that image's row in the whole."""
     images, texts = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     if parts[0][2] is None:
         return images, texts, None, None
+    offsets = torch.tensor([0] + [len(p[0]) for p in parts]).cumsum(0).tolist()
     captions = torch.cat([p[2] for p in parts])
     caption_image = torch.cat([p[3] + offset for p, offset in zip(parts, offsets, strict=False)])
     return images, texts, captions, caption_image
