@@ -25,10 +25,11 @@ targets). When it hurts: a teacher no better than the student (the target only a
 forward costs a step of its size. Stored, the data grows by ``K x D x 2`` bytes per teacher and image (DataCompDR:
 30 views x 768 x 2 teachers), and training must use the stored views' augmentation settings.
 
-Measured (``python benchmarks/reinforced_distillation.py``, 2-core CPU, tiny models, see README "Reinforced data"):
-stored distillation trains at the speed of no distillation (steps/s within noise), online at a fraction of it; on the
-digits data a tiny-vit student distilled from stored embeddings of a larger quickstart-trained teacher beats the same
-student trained alone at the same steps (zero-shot top-1; the numbers are in README).
+Measured (``python benchmarks/reinforced_distillation.py``; Intel Xeon, 2 shared cores, one thread; README
+"Reinforced data"): a tiny-vit training step (batch 32) costs 125 ms without distillation, 129 ms (1.03x) with
+``source: stored`` and 200 ms (1.60x) with ``source: online`` and a teacher twice as wide. On the digits, the tiny-vit
+student distilled from the stored embeddings of that teacher (95.3% zero-shot top-1) reaches 96.4% / 93.0% (seeds 0 /
+1) where the same student alone reaches 91.4% / 90.3%, at the same 1068 steps on the same data.
 """
 
 from __future__ import annotations
