@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from cadenza.engine.dist import DistInfo
+
+#: the ``extras`` name of stored teacher embeddings (``algorithms.distillation: {source: stored}`` asks for it)
+TEACHER_EMBEDDINGS = "teacher_embeddings"
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,11 @@ class LoaderContext:
         workers, pin_memory, persistent_workers, prefetch_factor: ``data.*`` loader settings.
         cache_dir: where a format that downloads keeps its local copy (``<run folder>/data-cache``);
             ``None`` outside a trainer.
+        augment: the ``data.augment`` values ``transform`` was built from (a format that replays stored augmented
+            views checks them against the stored ones).
+        extras: what training batches must carry besides images and tokens, for the algorithms that read it
+            (``teacher_embeddings``: stored teacher embeddings, from ``composer convert --teacher`` shards); a
+            format that cannot carry one refuses it with a ``ValueError``.
     """
 
     train: bool
@@ -40,6 +48,8 @@ class LoaderContext:
     persistent_workers: bool = False
     prefetch_factor: int = 2
     cache_dir: str | None = None
+    augment: Mapping[str, Any] | None = None
+    extras: frozenset[str] = frozenset()
 
     def worker_options(self) -> dict[str, Any]:
         """The ``DataLoader`` arguments that apply only with worker processes (it refuses them without)."""

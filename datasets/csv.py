@@ -5,7 +5,10 @@ header names the columns (``csv_img_key: filepath``, ``csv_caption_key: title``)
 ``--csv-separator`` / ``--csv-img-key`` / ``--csv-caption-key``. Relative image paths resolve against the
 CSV's folder, or against ``image_root`` when it is set (``image_root: .`` is the working directory, OpenCLIP's rule,
 which ``composer openclip`` sets). When the first relative path is missing under the rule in force but present under
-the other one, the dataset stops at once with an error naming both paths. The rows are indexed once, in the main process, into two flat buffers (cheap to share with
+the other one, the dataset stops at once with an error naming both paths. ``captions`` names several caption
+columns instead (each cell one caption or a JSON list of them), with weights or without (see ``samples.CaptionRule``):
+a training step draws one caption per row, seeded by ``(run.seed, epoch, row)``; evaluation scores every caption of a
+row. The rows are indexed once, in the main process, into two flat buffers (cheap to share with
 forked workers); images are read and decoded in the DataLoader workers.
 
 Loading goes through ``ResumableLoader`` (``csv`` is registered as ``resumable(CsvDataset)``): a seeded per-epoch
@@ -30,11 +33,12 @@ from torch.utils.data import Dataset
 from cadenza.datasets.context import LoaderContext
 from cadenza.datasets.loader import resumable
 from cadenza.datasets.samples import (
+    CAPTION_SALT,
+    CaptionRule,
     Sample,
     SampleCollator,
     SampleError,
     StringTable,
-    clean_caption,
     nothing_decodes,
     read_image_file,
     sample_seed,
@@ -58,6 +62,9 @@ class CsvDataset(Dataset):
         num_samples: use only the first ``num_samples`` rows (default: all).
         image_root: the folder relative image paths are read from (``.``: the working directory, as OpenCLIP);
             default: the CSV's folder.
+        captions: several caption columns instead of ``csv_caption_key``: a column name or a list of them (one
+            caption drawn uniformly per step), or a mapping of column names to weights; each cell holds one caption
+            or a JSON list of them (see ``samples.CaptionRule``).
     """
 
     #: indexed with ``(epoch, row)`` by ``ResumableLoader``, so augmentation is seeded per epoch and row
@@ -72,7 +79,12 @@ class CsvDataset(Dataset):
         csv_caption_key: str = "title",
         num_samples: int | None = None,
         image_root: str | None = None,
+        captions: str | list[str] | dict[str, float] | None = None,
     ) -> None:
+        if captions is not None and csv_caption_key != "title":
+            raise ValueError("set either captions (several caption columns) or csv_caption_key (one), not both")
+        self.rule = CaptionRule(captions, csv_caption_key)
+        self.train = context.train
         if len(csv_separator) != 1:
             raise ValueError(f"csv_separator must be one character, got {csv_separator!r}")
         if not os.path.isfile(path):
@@ -84,17 +96,17 @@ class CsvDataset(Dataset):
         self.collate_fn = SampleCollator(
             context.tokenizer, (3, context.image_size, context.image_size), context.context_length
         )
-        images, captions, self.malformed = _read_rows(path, csv_separator, csv_img_key, csv_caption_key)
+        images, captions, self.malformed = _read_rows(path, csv_separator, csv_img_key, self.rule.fields)
         if not images:
             raise ValueError(f"'{path}' has a header but no rows")
         if num_samples is not None:
             if not 0 < num_samples <= len(images):
                 raise ValueError(f"num_samples={num_samples}, but '{path}' has {len(images)} rows")
-            images, captions = images[:num_samples], captions[:num_samples]
+            images, captions = images[:num_samples], [column[:num_samples] for column in captions]
             self.malformed = {row: reason for row, reason in self.malformed.items() if row < num_samples}
         folder = _image_folder(path, image_root, images, self.malformed)
         self.images = StringTable(p if os.path.isabs(p) or not p else os.path.join(folder, p) for p in images)
-        self.captions = StringTable(captions)
+        self.captions = {field: StringTable(column) for field, column in zip(self.rule.fields, captions, strict=True)}
         if self.malformed:
             log.warning(
                 "%s: %d of %d rows are malformed and will be skipped when drawn (first: %s)",
@@ -115,19 +127,20 @@ class CsvDataset(Dataset):
         reasons: list[str] = []
         for row in substitutes(index, len(self)):
             try:
-                image, caption = self._load(row)
+                image, captions = self._load(row)
             except SampleError as error:
                 reasons.append(f"row {row + 1}: {error}")
                 continue
             tensor = transform_sample(self.transform, image, sample_seed(self.seed, epoch, index))
+            caption = self.rule.choose(captions, sample_seed(self.seed, epoch, index, CAPTION_SALT), self.train)
             return Sample(tensor, caption, tuple(reasons))
         raise nothing_decodes(self.source, reasons)
 
     def _load(self, row: int):
         if row in self.malformed:
             raise SampleError(self.malformed[row])
-        caption = clean_caption(self.captions[row])
-        return read_image_file(self.images[row]), caption
+        captions = self.rule.read(lambda field: self.captions[field][row])
+        return read_image_file(self.images[row]), captions
 
 
 DATASETS.register("csv")(resumable(CsvDataset))
@@ -155,11 +168,12 @@ def _image_folder(path: str, image_root: str | None, images: list[str], malforme
 
 
 def _read_rows(
-    path: str, separator: str, img_key: str, caption_key: str
-) -> tuple[list[str], list[str], dict[int, str]]:
-    """Image paths, captions and ``{row: reason}`` for malformed rows (rows count from 0 after the header)."""
+    path: str, separator: str, img_key: str, caption_keys: tuple[str, ...]
+) -> tuple[list[str], list[list[str]], dict[int, str]]:
+    """Image paths, each caption column's cells and ``{row: reason}`` for malformed rows (rows count from 0 after
+    the header)."""
     images: list[str] = []
-    captions: list[str] = []
+    captions: list[list[str]] = [[] for _ in caption_keys]
     malformed: dict[int, str] = {}
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
@@ -168,13 +182,16 @@ def _read_rows(
             header = next(reader)
         except StopIteration:
             raise ValueError(f"'{path}' is empty") from None
-        for key, name in ((img_key, "csv_img_key"), (caption_key, "csv_caption_key")):
+        named = [(img_key, "csv_img_key")]
+        named += [(key, "csv_caption_key" if len(caption_keys) == 1 else "captions") for key in caption_keys]
+        for key, name in named:
             if key not in header:
                 raise ValueError(
                     f"'{path}' has no column '{key}' ({name}); its columns are {header}. "
-                    "Set csv_img_key / csv_caption_key, or csv_separator if the header did not split."
+                    "Set csv_img_key / csv_caption_key (or captions), or csv_separator if the header did not split."
                 )
-        image_column, caption_column = header.index(img_key), header.index(caption_key)
+        image_column = header.index(img_key)
+        caption_columns = [header.index(key) for key in caption_keys]
         while True:
             line = reader.line_num + 1
             try:
@@ -191,7 +208,8 @@ def _read_rows(
                 malformed[len(images)] = f"malformed row at line {line}: {problem}"
                 fields = None
             images.append(fields[image_column] if fields else "")
-            captions.append(fields[caption_column] if fields else "")
+            for cells, column in zip(captions, caption_columns, strict=True):
+                cells.append(fields[column] if fields else "")
     return images, captions, malformed
 
 

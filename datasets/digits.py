@@ -17,6 +17,9 @@ This splits them (seeded, stratified) into a training set and a held-out test se
     <out>/csv/            with ``--csv``: the same training samples as OpenCLIP's CSV format (``train.csv``:
                           tab-separated ``filepath`` and ``title`` columns, OpenCLIP's defaults; the images as
                           PNG files in ``images/``, named by absolute path), for OpenCLIP's trainer or ``type: csv``
+    <out>/train.csv       the training split once more, one row per image with all its captions (a JSON list
+                          in the ``captions`` column; images in <out>/train/<d>/*.png): the source of a
+                          reinforced dataset (``composer convert --captions captions --teacher ...``)
 
 ``--seed`` draws the split (and the captions): another seed is another random split of the same scans.
 
@@ -101,12 +104,13 @@ def build(
     digits = load_digits()
     train, test = split(digits.target, test_fraction, seed)
     rng = np.random.default_rng(seed + 1)
-    items = []  # (index, png, caption, label), the same samples for MDS and CSV
+    training = []  # (index, png, captions, label): each training image with its captions
     for index in train:
         label = int(digits.target[index])
         png = to_png(digits.images[index], size)
-        for template in rng.choice(TEMPLATES, size=captions, replace=False):
-            items.append((int(index), png, caption(label, str(template)), label))
+        texts = [caption(label, str(template)) for template in rng.choice(TEMPLATES, size=captions, replace=False)]
+        training.append((int(index), png, texts, label))
+    items = [(index, png, text, label) for index, png, texts, label in training for text in texts]  # MDS and CSV
 
     if out.exists():
         shutil.rmtree(out)
@@ -120,6 +124,7 @@ def build(
         progress=progress,
         source="scikit-learn digits",
     )
+    write_captions_csv(out, training)
     if csv:
         write_csv(out / "csv", items)
     images = []
@@ -134,6 +139,18 @@ def build(
         )
     (out / "test_captions.json").write_text(json.dumps({"images": images, "dataset": "digits"}))
     return {"train_images": len(train), "train_samples": report.samples, "test_images": len(test)}
+
+
+def write_captions_csv(out: Path, training: list[tuple[int, bytes, list[str], int]]) -> None:
+    """``out/train.csv``: one row per training image with all its captions (a JSON list in ``captions``), the images
+    in ``out/train/<digit>/`` (paths relative to the CSV's folder)."""
+    rows = ["filepath\tcaptions"]
+    for index, png, texts, label in training:
+        path = Path("train") / str(label) / f"{index:04d}.png"
+        (out / path).parent.mkdir(parents=True, exist_ok=True)
+        (out / path).write_bytes(png)
+        rows.append(f"{path}\t{json.dumps(texts)}")
+    (out / "train.csv").write_text("\n".join(rows) + "\n")
 
 
 def write_csv(folder: Path, items: list[tuple[int, bytes, str, int]]) -> None:

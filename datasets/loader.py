@@ -9,7 +9,8 @@ processes (or workers) continues with exactly the samples it had not seen.
 A dataset that sets ``epoch_keys = True`` is indexed with ``(epoch, index)`` pairs, so it can seed each
 sample's augmentation from ``(seed, epoch, index)`` (see ``samples.py``). A dataset whose ``collate_fn``
 returns ``SampleBatch`` reports skipped samples through it; the loader strips them, yields ``(images,
-tokens)`` and counts them in ``skipped``.
+tokens)`` (plus the batch's ``extras``, when it has any: every caption of each image in evaluation) and counts them in
+``skipped``.
 
 ``ResumableLoader`` is a ``cadenza.engine.loader.Loader``; a map-style format registers ``resumable(its class)``,
 so that ``DATASETS.build`` returns the loader, as it does for the formats with loaders of their own.
@@ -154,7 +155,7 @@ class ResumableLoader:
             self._consumed_batches += 1
             if isinstance(batch, SampleBatch):
                 self._skips.add(batch.skipped)
-                batch = (batch.images, batch.tokens)
+                batch = batch.as_tuple()
             yield batch
 
     def state_dict(self) -> dict[str, int]:
@@ -177,8 +178,10 @@ def resumable(dataset_class: Callable[..., Dataset]) -> Callable[..., ResumableL
     """The ``DATASETS`` builder of a map-style dataset: ``dataset_class(**args, context=context)`` in a
     ``ResumableLoader``.
 
-    The builder's signature is the class's (its YAML arguments and ``context``), so the registry checks YAML
-    against it. A dataset smaller than one global batch is a ``ConfigError`` of ``data.batch_size``.
+    The builder's signature is the class's (its YAML arguments and ``context``), so the registry checks YAML against
+    it. A dataset smaller than one global batch is a ``ConfigError`` of ``data.batch_size``. A map-style format carries
+    no ``extras`` in training: asking for some is a ``ValueError`` (the registry makes it a ``ConfigError`` of the
+    section).
 
     Args:
         dataset_class: a map-style dataset whose arguments include ``context: LoaderContext``.
@@ -186,6 +189,12 @@ def resumable(dataset_class: Callable[..., Dataset]) -> Callable[..., ResumableL
 
     def build(**args: Any) -> ResumableLoader:
         dataset = dataset_class(**args)
+        extras = args["context"].extras
+        if extras:  # a ValueError: the registry names the section
+            raise ValueError(
+                f"{getattr(dataset, 'source', dataset_class.__name__)} cannot carry {', '.join(sorted(extras))} "
+                "(stored teacher embeddings come from MDS shards written by composer convert --teacher: type streaming)"
+            )
         try:
             return ResumableLoader(dataset, args["context"])
         except ValueError as error:

@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 
-from cadenza.datasets.context import LoaderContext
-from cadenza.datasets.samples import SampleCollator, SkipCounter
+from cadenza.datasets.context import TEACHER_EMBEDDINGS, LoaderContext
+from cadenza.datasets.samples import CaptionRule, SampleCollator, SkipCounter
 from cadenza.engine.dist import DistInfo
-from cadenza.engine.errors import CadenzaError, DataError
+from cadenza.engine.errors import CadenzaError, ConfigError, DataError
 from cadenza.engine.object_store import is_url
 from cadenza.engine.registry import DATASETS
 
@@ -86,6 +86,9 @@ class StreamingLoader:
         split: a subfolder of every remote / local.
         image_key: the image column (MDS encoding ``jpeg``, ``png``, ``bytes`` or ``pil``).
         caption_key: the caption column (``str``).
+        captions: several caption columns instead (``str`` holding one caption or a JSON list, or ``json``): a
+            column name or a list of them (one caption drawn uniformly per step), or a mapping of column names to
+            weights (see ``samples.CaptionRule``); evaluation scores every caption of an image.
         num_samples: samples per epoch (streaming's ``epoch_size``); default every sample once.
         shuffle: default: shuffle when training.
         shuffle_seed: default ``run.seed``. Fixed for a run: a checkpoint keeps it.
@@ -105,6 +108,7 @@ class StreamingLoader:
         split: str | None = None,
         image_key: str = "jpg",
         caption_key: str = "txt",
+        captions: str | list[str] | dict[str, float] | None = None,
         num_samples: int | None = None,
         shuffle: bool | None = None,
         shuffle_seed: int | None = None,
@@ -127,6 +131,12 @@ class StreamingLoader:
             raise ValueError("download_retry counts attempts: it must be at least 1")
         if num_samples is not None and num_samples < 1:
             raise ValueError("num_samples must be at least 1")
+        if captions is not None and caption_key != "txt":
+            raise ValueError("set either captions (several caption columns) or caption_key (one), not both")
+        unknown = set(context.extras) - {TEACHER_EMBEDDINGS}
+        if unknown:
+            raise ValueError(f"streaming data cannot carry {', '.join(sorted(unknown))}")
+        rule = CaptionRule(captions, caption_key)
         self.context = context
         self.train = context.train
         self.batch_size = context.batch_size
@@ -135,6 +145,7 @@ class StreamingLoader:
         self.shuffle_seed = context.seed if shuffle_seed is None else shuffle_seed
         self._fixed = {"shuffle_seed": shuffle_seed, "num_canonical_nodes": num_canonical_nodes}
         self.sources = self._sources(remote, local, streams, split)
+        self.reinforced = self._reinforcement(rule) if TEACHER_EMBEDDINGS in context.extras else None
         export_world_env(context.dist)
         nodes = max(context.dist.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
         self.num_canonical_nodes = num_canonical_nodes or nodes
@@ -142,6 +153,9 @@ class StreamingLoader:
         self._dataset_args = {
             "image_key": image_key,
             "caption_key": caption_key,
+            "captions": captions,
+            "train": context.train,
+            "reinforced": self.reinforced,
             "transform": context.transform,
             "augment_seed": context.seed if context.train else None,
             "draft_size": context.image_size,
@@ -199,6 +213,35 @@ class StreamingLoader:
                 self.describe(), dataset.cache_limit, dataset.cache_limit // largest, largest, in_use, readers,
                 window, order, in_use * largest,
             )  # fmt: skip
+
+    def _reinforcement(self, rule: CaptionRule) -> dict[str, Any]:
+        """The stored teacher embeddings' metadata, the same in every source and usable as configured (else a
+        ``ConfigError`` naming the key to change)."""
+        from cadenza.datasets.reinforced import check_reinforcement, read_reinforcement
+
+        found = []
+        for source in self.sources:
+            root = source["remote"] or source["local"]
+            root = f"{root.rstrip('/')}/{source['split']}" if source.get("split") else root
+            try:
+                meta = read_reinforcement(root)
+            except DataError as error:
+                raise ConfigError("algorithms.distillation", f"stored teacher embeddings: {error}") from None
+            if meta is None:
+                raise ConfigError(
+                    "algorithms.distillation",
+                    f"{root} stores no teacher embeddings; write them with composer convert --teacher MODEL[:pretrained]"
+                    " (see README, Reinforced data), or distil from a teacher run online (source: online)",
+                )
+            check_reinforcement(meta, rule.fields, self.context.augment, root)
+            found.append((root, meta))
+        first_root, first = found[0]
+        for root, meta in found[1:]:
+            if {k: v for k, v in meta.items() if k != "seed"} != {k: v for k, v in first.items() if k != "seed"}:
+                raise ConfigError(
+                    "data.train.streams", f"{root} and {first_root} store different teachers, views or augmentation"
+                )
+        return first
 
     def _sources(self, remote, local, streams, split) -> list[dict[str, Any]]:
         """One mapping of ``Stream`` arguments per source, with its local folder decided."""
@@ -305,7 +348,7 @@ class StreamingLoader:
                     return  # evaluation: this process's share ended
                 self.sample_in_epoch += self.global_batch
                 self._skips.add(batch.skipped)
-                yield batch.images, batch.tokens
+                yield batch.as_tuple()
         finally:
             self._stop_threads()
 

@@ -9,6 +9,7 @@ shortest side (bicubic), center crop, tensor, normalize.
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -150,6 +151,13 @@ def check_augment(
             raise ValueError("color_jitter_prob needs color_jitter as 4 numbers: brightness, contrast, saturation, hue")
     elif color_jitter is not None:
         raise ValueError("color_jitter without use_timm needs color_jitter_prob (as in OpenCLIP)")
+
+
+#: ``data.augment``'s keys and defaults, as plain data (what a config holds; reinforced datasets store them)
+AUGMENT_DEFAULTS: dict[str, Any] = {
+    name: list(parameter.default) if isinstance(parameter.default, tuple) else parameter.default
+    for name, parameter in inspect.signature(check_augment).parameters.items()
+}
 
 
 def image_transform(

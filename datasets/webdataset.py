@@ -24,6 +24,11 @@ shard, the shuffle's position (its RNG state) and the byte ranges of the samples
 resumed run re-reads those ranges (range requests on S3) and continues exactly. It needs the same number of
 processes.
 
+**Several captions.** ``captions`` names caption fields: members (``txt``, ``syn.txt``: the name after the key's
+first dot) or keys of the sample's ``.json`` member; each holds one caption or a JSON list of them (see
+``samples.CaptionRule``). A training step draws one, seeded from (seed, epoch, rank, position); evaluation scores every
+caption of an image.
+
 **Bad data.** A missing shard, a truncated or corrupt tar, a sample without an image or caption, an image that
 does not decode and an empty caption are skipped and counted (``data/skipped``, reasons in ``out.log``); the
 loader takes the next sample so batches stay full. A source where nothing can be read or decoded raises
@@ -50,14 +55,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from cadenza.datasets.context import LoaderContext
 from cadenza.datasets.samples import (
+    CAPTION_SALT,
     MAX_SUBSTITUTES,
+    CaptionRule,
     Sample,
     SampleBatch,
     SampleCollator,
     SampleError,
     SkipCounter,
     Skipped,
-    clean_caption,
+    batch_tuple,
+    concat_extras,
     decode_image,
     mix64,
     nothing_decodes,
@@ -284,18 +292,43 @@ class _Raw(NamedTuple):
 
     name: str  # shard url + key, for messages
     image: bytes | None
-    caption: bytes | None
+    caption: bytes | dict[str, bytes] | None  # the .txt member, or the members ``captions`` may name
     problem: str | None
     epoch: int
     position: int  # its index in this process's stream of the epoch (seeds its augmentation)
 
 
-def _raw(url: str, sample: TarSample, epoch: int, position: int) -> _Raw:
+def _raw(url: str, sample: TarSample, epoch: int, position: int, fields: tuple[str, ...] | None = None) -> _Raw:
     image = next((sample.parts[e] for e in IMAGE_EXTENSIONS if e in sample.parts), None)
     problem = sample.problem
     if problem is None and image is None:
         problem = f"no image member ({'/'.join(IMAGE_EXTENSIONS)})"
-    return _Raw(f"{url} sample {sample.key}", image, sample.parts.get(CAPTION_EXTENSION), problem, epoch, position)
+    if fields is None:
+        caption = sample.parts.get(CAPTION_EXTENSION)
+    else:  # the named members, and the .json member that may hold the others
+        caption = {name: sample.parts[name] for name in (*fields, "json") if name in sample.parts}
+    return _Raw(f"{url} sample {sample.key}", image, caption, problem, epoch, position)
+
+
+def caption_getter(caption: bytes | dict[str, bytes] | None):
+    """``get(field)`` for ``CaptionRule.read``: a member, else a key of the ``.json`` member (parsed once)."""
+    if not isinstance(caption, dict):
+        return lambda field: caption
+    parsed: list[Any] = []
+
+    def get(field: str) -> Any:
+        if field.lower() in caption:
+            return caption[field.lower()]
+        if "json" not in caption:
+            return None
+        if not parsed:
+            try:
+                parsed.append(json.loads(caption["json"]))
+            except ValueError as error:
+                raise SampleError(f"the .json member is not JSON ({error})") from None
+        return parsed[0].get(field) if isinstance(parsed[0], dict) else None
+
+    return get
 
 
 # -- the sample stream of one process ---------------------------------------------------------------------
@@ -306,8 +339,11 @@ class SampleStream:
     of samples emitted (the shuffle RNG's position) and the byte ranges of the buffered samples.
     """
 
-    def __init__(self, plan: ShardPlan, epoch: int, buffer_size: int, source: str) -> None:
+    def __init__(
+        self, plan: ShardPlan, epoch: int, buffer_size: int, source: str, fields: tuple[str, ...] | None = None
+    ) -> None:
         self.plan = plan
+        self.fields = fields
         self.epoch = epoch
         self.buffer_size = buffer_size
         self.source = source
@@ -387,7 +423,7 @@ class SampleStream:
             self._buffer[pick], self._buffer[-1] = self._buffer[-1], self._buffer[pick]
             _, url, sample = self._buffer.pop()
             self.emitted += 1
-            return _raw(url, sample, self.epoch, self.emitted - 1)
+            return _raw(url, sample, self.epoch, self.emitted - 1, self.fields)
 
     def _read(self) -> tuple[tuple[int, int, int], str, TarSample] | Skipped | object | None:
         """The next sample (with its id) or skip in shard order; ``None`` after a single pass; ``_PASS_END``
@@ -432,10 +468,12 @@ class SampleStream:
 class _Decoder(Dataset):
     """Decodes and transforms raw samples (in DataLoader workers); a failure becomes ``Skipped``."""
 
-    def __init__(self, transform, seed: int, rank: int) -> None:
+    def __init__(self, transform, seed: int, rank: int, rule: CaptionRule, train: bool) -> None:
         self.transform = transform
         self.seed = seed
         self.rank = rank
+        self.rule = rule
+        self.train = train
 
     def __getitems__(self, items: list[_Raw | Skipped]) -> list[Sample | Skipped]:
         return [self[item] for item in items]
@@ -446,9 +484,12 @@ class _Decoder(Dataset):
         try:
             if item.problem is not None:
                 raise SampleError(item.problem)
-            caption = clean_caption(item.caption)
+            captions = self.rule.read(caption_getter(item.caption))
             image = decode_image(item.image)
             seed = sample_seed(self.seed, item.epoch, item.position, self.rank, _AUGMENT_SALT)
+            caption = self.rule.choose(
+                captions, sample_seed(self.seed, item.epoch, item.position, self.rank, CAPTION_SALT), self.train
+            )
             try:
                 tensor = transform_sample(self.transform, image, seed)
             except Exception as error:  # noqa: BLE001 - an odd image must not stop the run
@@ -489,6 +530,11 @@ class _Position:
     used: int
 
 
+def _piece(decoded: SampleBatch, begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    extras = {key: value[begin:end] for key, value in (decoded.extras or {}).items()}
+    return decoded.images[begin:end], decoded.tokens[begin:end], extras
+
+
 # -- the loader ------------------------------------------------------------------------------------------
 @DATASETS.register("webdataset")
 class WebDataset:
@@ -508,6 +554,9 @@ class WebDataset:
             ``resampled``.
         shuffle_buffer: samples in the shuffle buffer (training; default 5000, as OpenCLIP, at most a process's
             share of an epoch; 1 disables it).
+        captions: several caption fields instead of the ``.txt`` member: a field or a list of them (one caption
+            drawn uniformly per step), or a mapping of fields to weights; a field is a member (``txt``, ``syn.txt``)
+            or a key of the ``.json`` member, holding one caption or a JSON list (see ``samples.CaptionRule``).
     """
 
     def __init__(
@@ -518,7 +567,14 @@ class WebDataset:
         resampled: bool = False,
         upsampling_factors: list[float] | str | None = None,
         shuffle_buffer: int | None = None,
+        captions: str | list[str] | dict[str, float] | None = None,
     ) -> None:
+        if context.extras:
+            raise ValueError(
+                f"webdataset data cannot carry {', '.join(sorted(context.extras))} (stored teacher embeddings come "
+                "from MDS shards written by composer convert --teacher: type streaming)"
+            )
+        self.rule = CaptionRule(captions, CAPTION_EXTENSION)
         if not context.train:
             for name, value in (
                 ("resampled", resampled),
@@ -565,7 +621,7 @@ class WebDataset:
         self.pin_memory = context.pin_memory
         self._raw_batches = _RawBatches(self.batch_size)
         self.loader = DataLoader(
-            _Decoder(context.transform, context.seed, self.dist.rank),
+            _Decoder(context.transform, context.seed, self.dist.rank, self.rule, context.train),
             batch_sampler=self._raw_batches,
             num_workers=context.workers,
             collate_fn=SampleCollator(
@@ -616,13 +672,14 @@ class WebDataset:
         position = self._position
         if self.train and position.batch >= self.batches_per_epoch:
             return
-        stream = SampleStream(self.plan, position.epoch, self.buffer_size, self.source)
+        fields = self.rule.fields if self.rule.listed else None
+        stream = SampleStream(self.plan, position.epoch, self.buffer_size, self.source, fields)
         stream.restore(position.stream)
         self._raw_batches.stream, self._raw_batches.snapshots = stream, deque()
         snapshots = self._raw_batches.snapshots
         drop = position.used  # samples of the first raw batch that were already yielded before
         batch_index = position.batch
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        pending: list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
         pending_count = 0
         pending_skips: list[str] = []
         decoded_here = 0
@@ -646,7 +703,7 @@ class WebDataset:
                 decoded_here += 1
                 self._decoded += 1
                 if pending_count == self.batch_size:
-                    pending.append((decoded.images[begin:used], decoded.tokens[begin:used]))
+                    pending.append(_piece(decoded, begin, used))
                     begin = used
                     batch_index += 1
                     self._position = _Position(position.epoch, batch_index, snapshot, used)
@@ -655,7 +712,7 @@ class WebDataset:
                     if self.train and batch_index >= self.batches_per_epoch:
                         return
             if begin < used:
-                pending.append((decoded.images[begin:used], decoded.tokens[begin:used]))
+                pending.append(_piece(decoded, begin, used))
         # Only a single (evaluation) pass ends: the last, partial batch.
         if pending_count:
             yield self._emit(pending, pending_skips)
@@ -694,16 +751,17 @@ class WebDataset:
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _emit(
-        self, pending: list[tuple[torch.Tensor, torch.Tensor]], skips: list[str]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, pending: list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]], skips: list[str]
+    ) -> tuple:
         self._skips.add(skips)
         if len(pending) == 1:
-            images, tokens = pending[0]
+            images, tokens, extras = pending[0]
         else:
             images, tokens = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
+            extras = concat_extras([p[2] for p in pending])
             if self.pin_memory:
                 images, tokens = images.pin_memory(), tokens.pin_memory()
-        return images, tokens
+        return batch_tuple(images, tokens, extras)
 
     def _watch(self, reason: str) -> None:
         """Stop with ``DataError`` when the first ``MAX_SUBSTITUTES`` samples all failed: nothing decodes."""

@@ -21,6 +21,9 @@ class Algorithm(ABC):
 
     #: registry name, also the YAML key under ``algorithms:`` (set by ``ALGORITHMS.register``)
     name: str = ""
+    #: per-sample data the algorithm reads from training batches besides images and tokens (``state.extras``); the
+    #: trainer asks the training data for them, and a format that cannot carry one is a config error before any work
+    batch_extras: tuple[str, ...] = ()
 
     @abstractmethod
     def match(self, event: Event, state: State) -> bool:

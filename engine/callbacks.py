@@ -181,6 +181,10 @@ class RetrievalEvaluator(Callback):
     of every process are gathered for it and for the ranks, computed in chunks of ``chunk_size`` rows, so memory grows
     with N·chunk, not N². CoCa models also give OpenCLIP's ``val/val_generative_loss`` (averaged the same way).
     ``val/epoch`` is the number of epochs trained, as OpenCLIP writes it.
+
+    When the validation data holds several captions per image (a batch's ``extras["captions"]``, ``(B, C, L)``),
+    every caption is encoded and scored COCO-style (see ``retrieval_metrics``); the losses pair each image with its
+    first caption.
     """
 
     def __init__(self, chunk_size: int = 1024) -> None:
@@ -188,7 +192,10 @@ class RetrievalEvaluator(Callback):
 
     def eval_start(self, state: State, logger: Logger) -> None:
         self._images: list[torch.Tensor] = []
-        self._texts: list[torch.Tensor] = []
+        self._texts: list[torch.Tensor] = []  # each image's first caption
+        self._captions: list[torch.Tensor] = []  # every caption, when there are several
+        self._caption_image: list[torch.Tensor] = []  # the image (row of this process's images) of each caption
+        self._count = 0
         self._scale = state.model.logit_scale.exp().item()  # the evaluated weights' (EMA swaps back at EVAL_END)
         self._sums = torch.zeros(3, dtype=torch.float64)  # batch losses x sizes, generative losses x sizes, samples
 
@@ -203,9 +210,23 @@ class RetrievalEvaluator(Callback):
         if "logits" in state.outputs and "labels" in state.outputs:  # CoCa's captioning loss, as OpenCLIP's
             generative = F.cross_entropy(state.outputs["logits"].float().permute(0, 2, 1), state.outputs["labels"])
         self._sums += torch.tensor([float(loss) * len(images), float(generative) * len(images), len(images)])
+        every = state.extras.get("captions")  # (B, C, L): rows of zeros past an image's last caption
+        if every is not None:
+            present = every[:, :, 0] != 0  # a caption starts with its start token; padding rows are all zeros
+            image_of, _ = present.nonzero(as_tuple=True)
+            tokens = every[present]  # (M, L)
+            if getattr(state.model, "trims_text_padding", False):
+                tokens = state.model.trim_text_padding(tokens)
+            self._captions.append(state.model.encode_text(tokens, normalize=True).float().cpu())
+            self._caption_image.append(image_of.cpu() + self._count)
+        self._count += len(images)
 
     def eval_end(self, state: State, logger: Logger) -> None:
-        images, texts = _gather_rows(torch.cat(self._images)), _gather_rows(torch.cat(self._texts))
+        images, texts = torch.cat(self._images), torch.cat(self._texts)
+        captions = caption_image = None
+        if self._captions:
+            captions, caption_image = torch.cat(self._captions), torch.cat(self._caption_image)
+        images, texts, captions, caption_image = _gather_rows(images, texts, captions, caption_image)
         sums = torch.stack(dist.all_gather_object(self._sums)).sum(dim=0)
         metrics = {
             "val/clip_val_loss": (sums[0] / sums[2]).item(),
@@ -213,7 +234,11 @@ class RetrievalEvaluator(Callback):
         }
         if sums[1]:
             metrics["val/val_generative_loss"] = (sums[1] / sums[2]).item()
-        metrics.update(retrieval_metrics(images, texts, self.chunk_size))
+        if captions is None:
+            metrics.update(retrieval_metrics(images, texts, self.chunk_size))
+        else:
+            metrics.update(retrieval_metrics(images, captions, self.chunk_size, text_image=caption_image))
+            metrics["val/num_captions"] = len(captions)
         metrics["val/epoch"] = trained_epochs(state)
         metrics["val/num_samples"] = len(images)
         state.eval_metrics.update(metrics)
@@ -227,35 +252,102 @@ def trained_epochs(state: State) -> float:
     return float(state.timestamp.epoch)
 
 
-def _gather_rows(local: torch.Tensor) -> torch.Tensor:
+def _gather_rows(
+    images: torch.Tensor, texts: torch.Tensor, captions: torch.Tensor | None, caption_image: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Every process's rows, in rank order (see ``merge_rows``)."""
     if dist.get_world_size() == 1:
-        return local
-    parts: list[torch.Tensor | None] = [None] * dist.get_world_size()
-    torch.distributed.all_gather_object(parts, local)
-    return torch.cat(parts)
+        return images, texts, captions, caption_image
+    parts: list = [None] * dist.get_world_size()
+    torch.distributed.all_gather_object(parts, (images, texts, captions, caption_image))
+    return merge_rows(parts)
 
 
-def _ranks(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """0-based rank of the matching key (same row index) for each query, computed chunk by chunk."""
+def merge_rows(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Processes' ``(images, texts, captions, caption_image)`` as one: rows concatenated in rank order, and each
+    caption's image (a row of its own process's images) shifted to that image's row in the whole."""
+    images, texts = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if parts[0][2] is None:
+        return images, texts, None, None
+    offsets = torch.tensor([0] + [len(p[0]) for p in parts]).cumsum(0).tolist()
+    captions = torch.cat([p[2] for p in parts])
+    caption_image = torch.cat([p[3] + offset for p, offset in zip(parts, offsets, strict=False)])
+    return images, texts, captions, caption_image
+
+
+def _ranks(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int, correct: torch.Tensor | None) -> torch.Tensor:
+    """0-based rank of the best-scored correct key for each query, computed chunk by chunk.
+
+    ``correct`` is ``None`` when query ``i``'s one correct key is key ``i``; else ``(len(keys),)``: the query each
+    key belongs to (several keys may belong to one query).
+    """
     ranks = []
     for start in range(0, len(queries), chunk_size):
         chunk = queries[start : start + chunk_size]  # (C, D)
         scores = chunk @ keys.T  # (C, N)
-        target = scores[torch.arange(len(chunk)), torch.arange(start, start + len(chunk))]  # (C,)
+        rows = torch.arange(start, start + len(chunk))
+        if correct is None:
+            target = scores[torch.arange(len(chunk)), rows]  # (C,)
+        else:
+            mine = correct[None, :] == rows[:, None]  # (C, N)
+            target = scores.masked_fill(~mine, -torch.inf).amax(dim=1)  # (C,)
         ranks.append((scores > target[:, None]).sum(dim=1))
     return torch.cat(ranks)
 
 
-def retrieval_metrics(images: torch.Tensor, texts: torch.Tensor, chunk_size: int = 1024) -> dict[str, float]:
-    """OpenCLIP's retrieval metrics for paired rows of normalized features."""
+def retrieval_metrics(
+    images: torch.Tensor, texts: torch.Tensor, chunk_size: int = 1024, text_image: torch.Tensor | None = None
+) -> dict[str, float]:
+    """OpenCLIP's retrieval metrics for rows of normalized features, with several captions per image COCO-style.
+
+    Without ``text_image``, row ``i`` of ``texts`` is the caption of image ``i`` (OpenCLIP's metrics). With it,
+    ``texts`` holds every caption and ``text_image[j]`` is the image caption ``j`` describes: an image's rank is that
+    of its best-ranked caption among all captions (image→text R@k: any of its captions in the top k), a caption's
+    that of its one image. Every image needs at least one caption. Ranks start at 1; ties count in the query's favour.
+
+    Example:
+        >>> images = torch.eye(3)
+        >>> texts = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 1, 0], [0.6, 0.8, 0]])  # image 1 has two captions
+        >>> m = retrieval_metrics(images, texts, text_image=torch.tensor([0, 2, 1, 1]))
+        >>> m["val/image_to_text_R@1"], m["val/text_to_image_R@1"]  # caption 3 is nearer image 1 than image 0
+        (1.0, 1.0)
+        >>> retrieval_metrics(images, texts, text_image=torch.tensor([0, 2, 1, 0]))["val/text_to_image_R@1"]
+        0.75
+    """
+    if text_image is not None:
+        text_image = text_image.long()
+        if len(text_image) != len(texts):
+            raise ValueError(f"text_image has {len(text_image)} entries for {len(texts)} texts")
+        if len(torch.unique(text_image)) != len(images) or text_image.min() < 0 or text_image.max() >= len(images):
+            raise ValueError("every image needs at least one caption, and every caption one image")
     metrics = {}
-    for name, queries, keys in (("image_to_text", images, texts), ("text_to_image", texts, images)):
-        ranks = _ranks(queries, keys, chunk_size).float()
+    for name, queries, keys, correct in (
+        ("image_to_text", images, texts, text_image),
+        ("text_to_image", texts, images, None),
+    ):
+        if name == "text_to_image" and text_image is not None:
+            ranks = _caption_ranks(texts, images, text_image, chunk_size).float()
+        else:
+            ranks = _ranks(queries, keys, chunk_size, correct).float()
         metrics[f"val/{name}_mean_rank"] = ranks.mean().item() + 1
         metrics[f"val/{name}_median_rank"] = float(torch.floor(torch.quantile(ranks, 0.5)).item() + 1)
         for k in (1, 5, 10):
             metrics[f"val/{name}_R@{k}"] = (ranks < k).float().mean().item()
     return metrics
+
+
+def _caption_ranks(
+    texts: torch.Tensor, images: torch.Tensor, text_image: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """0-based rank of each caption's image among all images."""
+    ranks = []
+    for start in range(0, len(texts), chunk_size):
+        scores = texts[start : start + chunk_size] @ images.T  # (C, N)
+        target = scores.gather(1, text_image[start : start + chunk_size, None])  # (C, 1)
+        ranks.append((scores > target).sum(dim=1))
+    return torch.cat(ranks)
 
 
 def contrastive_loss(images: torch.Tensor, texts: torch.Tensor, scale: float, chunk_size: int = 1024) -> float:

@@ -34,8 +34,11 @@ class Loader(Protocol):
             reset; the trainer sums it over processes as ``data/skipped``. 0 for a source that cannot fail.
         set_epoch(epoch): move to the start of ``epoch``; the next ``iter`` yields all of it.
         __iter__(): yield the rest of the current epoch as ``(images, tokens)`` pairs of tensors, ``images``
-            ``(B, 3, H, W)`` floats and ``tokens`` ``(B, L)`` token ids. What is yielded depends only on the seed,
-            the epoch and the position in it, never on the worker count.
+            ``(B, 3, H, W)`` floats and ``tokens`` ``(B, L)`` token ids, or ``(images, tokens, extras)`` where the
+            batch carries more: ``extras`` maps names to per-sample tensors (first dimension ``B``), such as every
+            caption of each image in evaluation or stored teacher embeddings that an algorithm asked for (the
+            trainer puts them in ``state.extras``). What is yielded depends only on the seed, the epoch and the
+            position in it, never on the worker count.
         state_dict(): where the loader is (epoch, position, and whatever else resuming needs), in plain Python
             types that ``torch.load(weights_only=True)`` reads; taken between batches, on every process.
         load_state_dict(state): continue from ``state_dict()``'s output, before the next ``iter``: a loader built

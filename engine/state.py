@@ -31,7 +31,8 @@ class State:
         model: the unwrapped model (``encode_image``, ``encode_text``, ...).
         wrapped_model: what the forward pass calls (the model itself, or DDP / compiled wrappers).
         batch: the current optimizer step's micro-batches, a list of ``(images, tokens)``.
-        micro_batch: the micro-batch being processed (``(images, tokens)``).
+        batch_extras: each micro-batch's extras (a dict of per-sample tensors, often empty: see ``Loader``).
+        micro_batch: the micro-batch being processed (``(images, tokens)``); ``extras`` its extras.
         outputs: the model's output dict for ``micro_batch``.
         loss_dict: the named losses of ``micro_batch`` (``contrastive_loss``, ...); ``loss`` is their sum.
         step_metrics: scalars an algorithm measured in this optimizer step (device tensors, never synchronized),
@@ -61,7 +62,9 @@ class State:
     algorithms: list = field(default_factory=list)
     callbacks: list = field(default_factory=list)
     batch: list = field(default_factory=list)
+    batch_extras: list = field(default_factory=list)
     micro_batch: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)
     loss_dict: dict[str, torch.Tensor] = field(default_factory=dict)
     loss: torch.Tensor | None = None

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
@@ -33,7 +34,7 @@ from cadenza.engine.errors import ConfigError, suggest
 from cadenza.engine.registry import MODELS
 from cadenza.models.clip import CLIP
 from cadenza.models.coca import CoCa, MultimodalDecoder
-from cadenza.models.pretrained import load_resolved, resolve_pretrained
+from cadenza.models.pretrained import load_resolved, resolve_pretrained, stored_architecture
 from cadenza.models.text import TextTransformer
 from cadenza.models.vision import AttentionalPoolImageTower, TimmImageTower
 
@@ -147,6 +148,47 @@ def create_model(name: str, pretrained: str | None = None, **overrides: Any) -> 
     model = build_model(arch)
     if resolved is not None:
         load_resolved(model, resolved, pretrained, name)
+    return model
+
+
+def create_frozen_model(
+    name: str,
+    pretrained: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    name_key: str = "model.name",
+    pretrained_key: str = "model.pretrained",
+) -> nn.Module:
+    """A frozen model in eval mode (a distillation teacher): architecture ``name`` with ``pretrained`` weights.
+
+    A Cadenza training checkpoint as ``pretrained`` brings the ``model.overrides`` it was trained with, so a teacher
+    of a custom size loads by its architecture name and its checkpoint. Problems name ``name_key`` /
+    ``pretrained_key`` (the config keys or flags that chose them), not ``model.*``.
+    """
+    overrides: dict[str, Any] = {}
+    if pretrained:
+        try:
+            path, _ = resolve_pretrained(pretrained, name)
+        except ConfigError as error:
+            raise ConfigError(pretrained_key, str(error).split("': ", 1)[-1]) from error
+        stored = stored_architecture(path)
+        if stored is not None:
+            if stored[0] != name:
+                raise ConfigError(
+                    name_key, f"'{pretrained}' was trained as model.name={stored[0]}, not {name}: name {stored[0]}"
+                )
+            overrides = stored[1]
+    try:
+        model = create_model(name, **overrides)
+    except ConfigError as error:
+        raise ConfigError(name_key, str(error).split("': ", 1)[-1]) from error
+    if pretrained:
+        try:
+            load_resolved(model, resolve_pretrained(pretrained, name), pretrained, name, name_key=name_key)
+        except ConfigError as error:
+            raise ConfigError(pretrained_key, str(error).split("': ", 1)[-1]) from error
+    model = model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
     return model
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -284,6 +285,10 @@ class DistillClipLoss(ClipLoss):
     """CLIP loss plus a distillation term: cross-entropy between the teacher's and the student's softmaxed logits.
 
     Takes the same arguments as :class:`ClipLoss`; the teacher's features are gathered the same way as the student's.
+    With several teachers (sequences of features and scales), the target is their softmaxed logits averaged, as in
+    MobileCLIP (Vasu et al., CVPR 2024; ``--distill-average-after-softmax``): its cross-entropy is the mean over the
+    teachers of each one's, which differs from the mean of their KL divergences (the paper's loss) by the teachers'
+    entropies, a constant, so the gradients are the KL's.
     """
 
     @staticmethod
@@ -299,14 +304,22 @@ class DistillClipLoss(ClipLoss):
         """
         return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
 
+    @staticmethod
+    def teacher_probabilities(teacher_logits: Sequence[Tensor]) -> Tensor:
+        """The teachers' softmaxed logits, averaged (one teacher's softmax as it is)."""
+        probabilities = teacher_logits[0].softmax(dim=1)
+        for logits in teacher_logits[1:]:
+            probabilities = probabilities + logits.softmax(dim=1)
+        return probabilities / len(teacher_logits) if len(teacher_logits) > 1 else probabilities
+
     def forward(  # type: ignore[override]
         self,
         image_features: Tensor,
         text_features: Tensor,
         logit_scale: Tensor | float,
-        dist_image_features: Tensor,
-        dist_text_features: Tensor,
-        dist_logit_scale: Tensor | float,
+        dist_image_features: Tensor | Sequence[Tensor],
+        dist_text_features: Tensor | Sequence[Tensor],
+        dist_logit_scale: Tensor | float | Sequence[Tensor | float],
         **unused: Any,
     ) -> dict[str, Tensor]:
         """Computes the contrastive and distillation losses (no logit bias, as in OpenCLIP).
@@ -315,25 +328,34 @@ class DistillClipLoss(ClipLoss):
             image_features: Student image features, ``(B, D)``.
             text_features: Student text features, ``(B, D)``.
             logit_scale: The student's exponentiated scale.
-            dist_image_features: Teacher image features, ``(B, D_t)``.
-            dist_text_features: Teacher text features, ``(B, D_t)``.
-            dist_logit_scale: The teacher's exponentiated scale.
+            dist_image_features: Teacher image features, ``(B, D_t)``, or one such tensor per teacher.
+            dist_text_features: Teacher text features, ``(B, D_t)``, or one per teacher.
+            dist_logit_scale: The teacher's exponentiated scale, or one per teacher.
             **unused: Other entries of the model output, ignored.
 
         Returns:
             ``{"contrastive_loss": ..., "distill_loss": ...}``, both scalars, unweighted.
         """
         logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale)
-        dist_logits_per_image, dist_logits_per_text = self.get_logits(
-            dist_image_features, dist_text_features, dist_logit_scale
-        )
+        teachers = _per_teacher(dist_image_features, dist_text_features, dist_logit_scale)
+        dist_logits = [self.get_logits(image, text, scale) for image, text, scale in teachers]
         labels = self.get_ground_truth(image_features.device, logits_per_image.shape[0])
         contrastive_loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
-        distill_loss = (
-            self.dist_loss(dist_logits_per_image, logits_per_image)
-            + self.dist_loss(dist_logits_per_text, logits_per_text)
-        ) / 2
-        return {"contrastive_loss": contrastive_loss, "distill_loss": distill_loss}
+        distill_loss = 0
+        for direction, student_logits in enumerate((logits_per_image, logits_per_text)):
+            target = self.teacher_probabilities([logits[direction] for logits in dist_logits])
+            distill_loss = distill_loss + -(target * student_logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
+        return {"contrastive_loss": contrastive_loss, "distill_loss": distill_loss / 2}
+
+
+def _per_teacher(images: Any, texts: Any, scales: Any) -> list[tuple[Tensor, Tensor, Tensor | float]]:
+    """``[(image features, text features, scale)]``, one per teacher, from single tensors or sequences."""
+    if isinstance(images, Tensor):
+        return [(images, texts, scales)]
+    scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * len(images)
+    if not (len(images) == len(texts) == len(scales) > 0):
+        raise ValueError(f"{len(images)} teachers' image features, {len(texts)} text features, {len(scales)} scales")
+    return list(zip(images, texts, scales, strict=True))
 
 
 @LOSSES.register("siglip")

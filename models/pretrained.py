@@ -142,6 +142,29 @@ def read_state_dict(path: Path) -> StateDict:
     return {_strip_prefixes(key): value for key, value in state_dict.items()}
 
 
+def stored_architecture(path: Path) -> tuple[str, dict[str, Any]] | None:
+    """``(model.name, model.overrides)`` of a Cadenza training checkpoint (its stored config, read as data), or
+    ``None`` for any other file (an OpenCLIP checkpoint, bare weights, safetensors)."""
+    import yaml
+
+    if path.suffix == ".safetensors":
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - read_state_dict reports an unreadable file
+        return None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), str):
+        return None
+    try:
+        config = yaml.safe_load(checkpoint["config"])  # data: never constructed, never resolved
+    except yaml.YAMLError:
+        return None
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        return None
+    return model["name"], dict(model.get("overrides") or {})
+
+
 def resize_pos_embeds(state_dict: StateDict, model: nn.Module) -> StateDict:
     """Interpolate position embeddings to ``model``'s image grid and context length (OpenCLIP's rules)."""
     own = model.state_dict()

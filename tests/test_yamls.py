@@ -10,7 +10,8 @@ What is changed for the run, and only that:
   ResNets → ``tiny-rn``, ConvNeXt → ``tiny-convnext``, CoCa → ``tiny-coca``; ``tiny.yaml`` and ``quickstart.yaml``
   keep theirs;
 - pretrained tags (``laion2b_s34b_b79k``, the distillation teacher's ``openai``) become a local OpenCLIP file of the
-  tiny model, written by ``open_clip``; ``s3://my-bucket`` becomes a bucket on moto's S3 server; W&B is disabled.
+  tiny model, written by ``open_clip``; distillation from stored embeddings (which synthetic data has none of) runs
+  that teacher online, with the file's other distillation settings; ``s3://my-bucket`` becomes a bucket on moto's S3 server; W&B is disabled.
 
 Everything else — precision, loss, optimizer, algorithms, checkpointing and their interpolations — is the file's.
 """
@@ -109,6 +110,8 @@ def tiny_run(path: Path, tmp_path: Path, pretrained: str, bucket: str | None) ->
     if OmegaConf.select(cfg, "model.pretrained"):
         cfg.model.pretrained = pretrained
     if OmegaConf.select(cfg, "algorithms.distillation"):
+        if OmegaConf.select(cfg, "algorithms.distillation.source") == "stored":  # synthetic data stores no teachers
+            cfg.algorithms.distillation.source = "online"
         cfg.algorithms.distillation.teacher = "tiny-vit"
         cfg.algorithms.distillation.pretrained = pretrained
     return Trainer(build_config(cfg)).fit()

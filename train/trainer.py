@@ -129,8 +129,9 @@ class Trainer:
         self.trim_text = trims_text_padding(cfg, model)
         seed_everything(cfg.run.seed + info.rank)
 
-        # Data: built from the model's input sizes. Durations follow from its length.
-        train_loader = self._build_loader(cfg.data.train, "data.train", model, info, train=True)
+        # Data: built from the model's input sizes, carrying what the algorithms read. Durations follow from its length.
+        extras = frozenset(name for algorithm in algorithms for name in algorithm.batch_extras)
+        train_loader = self._build_loader(cfg.data.train, "data.train", model, info, train=True, extras=extras)
         eval_loader = self._build_loader(cfg.data.val, "data.val", model, info, train=False)
         state = State(model=model, config=cfg, device=device, precision=cfg.run.precision, dist=info)
         state.train_loader, state.eval_loader = train_loader, eval_loader
@@ -174,12 +175,19 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
 
     def _build_loader(
-        self, section: DictConfig | None, key: str, model: nn.Module, info: dist.DistInfo, train: bool
+        self,
+        section: DictConfig | None,
+        key: str,
+        model: nn.Module,
+        info: dist.DistInfo,
+        train: bool,
+        extras: frozenset[str] = frozenset(),
     ) -> Loader | None:
         """``section``'s loader, from its YAML arguments and ``context`` (the runtime facts: input sizes, seed, ...)."""
         if section is None:
             return None
         data = self.cfg.data
+        augment = OmegaConf.to_container(data.augment)
         context = LoaderContext(
             train=train,
             batch_size=data.batch_size,
@@ -188,15 +196,15 @@ class Trainer:
             image_size=model.image_size,
             context_length=model.context_length,
             vocab_size=model.vocab_size,
-            transform=image_transform(
-                model.image_size, train, model.image_mean, model.image_std, **OmegaConf.to_container(data.augment)
-            ),
+            transform=image_transform(model.image_size, train, model.image_mean, model.image_std, **augment),
             tokenizer=get_tokenizer(self.cfg.model.name, context_length=model.context_length),
             workers=data.workers,
             pin_memory=data.pin_memory and torch.cuda.is_available(),
             persistent_workers=data.persistent_workers,
             prefetch_factor=data.prefetch_factor,
             cache_dir=str(self.run_dir / "data-cache"),
+            augment=augment,
+            extras=extras,
         )
         args = {k: v for k, v in OmegaConf.to_container(section).items() if k != "type"}
         return DATASETS.build(section.type, args, key, context=context)
@@ -469,7 +477,8 @@ class Trainer:
         micro_batches = iter(state.train_loader)
         while ts.batch_in_epoch < state.batches_per_epoch and not state.is_done:
             self.engine.run_event(Event.BEFORE_DATALOADER)
-            state.batch = [self._to_device(next(micro_batches)) for _ in range(state.accum_freq)]
+            loaded = [self._to_device(next(micro_batches)) for _ in range(state.accum_freq)]
+            state.batch, state.batch_extras = [b[:2] for b in loaded], [b[2] for b in loaded]
             self.engine.run_event(Event.AFTER_DATALOADER)
             self._train_batch()
             self._evaluated_at_last_step = False
@@ -481,14 +490,14 @@ class Trainer:
             self.engine.run_event(Event.EPOCH_END)
             self.engine.run_event(Event.EPOCH_CHECKPOINT)
 
-    def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, tokens = batch
+    def _to_device(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``(images, tokens, extras)`` on the device; ``extras`` is empty when the loader yields none."""
+        images, tokens, *extras = batch
         if self.trim_text:  # on the CPU, before the copy: no device sync
             tokens = self.state.model.trim_text_padding(tokens)
-        dtype = weights_dtype(self.state.precision)
-        return images.to(self.state.device, dtype=dtype, non_blocking=True), tokens.to(
-            self.state.device, non_blocking=True
-        )
+        dtype, device = weights_dtype(self.state.precision), self.state.device
+        extras = {k: v.to(device, non_blocking=True) for k, v in (extras[0] if extras else {}).items()}
+        return images.to(device, dtype=dtype, non_blocking=True), tokens.to(device, non_blocking=True), extras
 
     def _train_batch(self) -> None:
         state = self.state
@@ -497,6 +506,7 @@ class Trainer:
         self.engine.run_event(Event.BATCH_START)
         cache = self._cache_features(state.batch) if state.accum_freq > 1 else None
         for index, micro_batch in enumerate(state.batch):
+            state.extras = state.batch_extras[index]
             self._forward_backward(micro_batch, cache, index)
         self._optimizer_step()
         state.timestamp.after_batch(state.samples_per_batch)
@@ -515,7 +525,11 @@ class Trainer:
     @torch.no_grad()
     def _cache_features(self, batch: list) -> list[dict[str, torch.Tensor]]:
         """OpenCLIP's accumulation: features of every micro-batch, without gradients."""
-        return [{k: v for k, v in self._forward(mb).items() if k not in SHARED_OUTPUTS} for mb in batch]
+        cached = []
+        for micro_batch, extras in zip(batch, self.state.batch_extras, strict=True):
+            self.state.extras = extras
+            cached.append({k: v for k, v in self._forward(micro_batch).items() if k not in SHARED_OUTPUTS})
+        return cached
 
     def _forward_backward(self, micro_batch, cache: list[dict[str, torch.Tensor]] | None, index: int) -> None:
         state = self.state
@@ -583,7 +597,8 @@ class Trainer:
             if state.eval_loader is not None:
                 state.eval_loader.set_epoch(0)
             for batch in state.eval_loader if state.eval_loader is not None else ():
-                state.micro_batch = self._to_device(batch)
+                images, tokens, state.extras = self._to_device(batch)
+                state.micro_batch = (images, tokens)
                 self.engine.run_event(Event.EVAL_BATCH_START)
                 with autocast_context(state.precision, state.device):
                     state.outputs = state.model(*state.micro_batch)
