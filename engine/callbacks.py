@@ -16,6 +16,7 @@ from cadenza.engine import dist
 from cadenza.engine.algorithm import Callback
 from cadenza.engine.mfu import FlopsByTextLength, peak_flops
 from cadenza.engine.registry import CALLBACKS  # noqa: F401 - the registry user callbacks join
+from cadenza.engine.retrieval import retrieval_ranks
 
 if TYPE_CHECKING:
     from cadenza.engine.logger import Logger
@@ -178,8 +179,8 @@ class RetrievalEvaluator(Callback):
     ``val/clip_val_loss`` is OpenCLIP's: each evaluation batch's in-batch contrastive loss, averaged over the batches
     weighted by their sizes (so it depends on ``data.batch_size``; several processes each score their own batches).
     ``val/clip_val_loss_whole_set`` is the contrastive loss of every image against every caption of the set. Features
-    of every process are gathered for it and for the ranks, computed in chunks of ``chunk_size`` rows, so memory grows
-    with N·chunk, not N². CoCa models also give OpenCLIP's ``val/val_generative_loss`` (averaged the same way).
+    of every process are gathered for it, computed in chunks of ``chunk_size`` rows, so memory grows with N·chunk, not
+    N²; the ranks are computed without gathering (``retrieval_metrics``). CoCa models also give OpenCLIP's ``val/val_generative_loss`` (averaged the same way).
     ``val/epoch`` is the number of epochs trained, as OpenCLIP writes it.
 
     When the validation data holds several captions per image (a batch's ``extras["captions"]``, ``(B, C, L)``),
@@ -222,23 +223,22 @@ class RetrievalEvaluator(Callback):
         self._count += len(images)
 
     def eval_end(self, state: State, logger: Logger) -> None:
-        images, texts = torch.cat(self._images), torch.cat(self._texts)
-        captions = caption_image = None
-        if self._captions:
+        images, texts = torch.cat(self._images), torch.cat(self._texts)  # this process's rows
+        if self._captions:  # every caption of every image
             captions, caption_image = torch.cat(self._captions), torch.cat(self._caption_image)
-        images, texts, captions, caption_image = _gather_rows(images, texts, captions, caption_image)
+            retrieval = retrieval_metrics(images, captions, self.chunk_size, text_image=caption_image)
+            retrieval["val/num_captions"] = dist.all_reduce_sum(len(captions), images.device)
+        else:
+            retrieval = retrieval_metrics(images, texts, self.chunk_size)
         sums = torch.stack(dist.all_gather_object(self._sums)).sum(dim=0)
+        images, texts = _gather_rows(images), _gather_rows(texts)
         metrics = {
             "val/clip_val_loss": (sums[0] / sums[2]).item(),
             "val/clip_val_loss_whole_set": contrastive_loss(images, texts, self._scale, self.chunk_size),
         }
         if sums[1]:
             metrics["val/val_generative_loss"] = (sums[1] / sums[2]).item()
-        if captions is None:
-            metrics.update(retrieval_metrics(images, texts, self.chunk_size))
-        else:
-            metrics.update(retrieval_metrics(images, captions, self.chunk_size, text_image=caption_image))
-            metrics["val/num_captions"] = len(captions)
+        metrics.update(retrieval)
         metrics["val/epoch"] = trained_epochs(state)
         metrics["val/num_samples"] = len(images)
         state.eval_metrics.update(metrics)
@@ -252,60 +252,24 @@ def trained_epochs(state: State) -> float:
     return float(state.timestamp.epoch)
 
 
-def _gather_rows(
-    images: torch.Tensor, texts: torch.Tensor, captions: torch.Tensor | None, caption_image: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Every process's rows, in rank order (see ``merge_rows``)."""
+def _gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every process's rows, in rank order."""
     if dist.get_world_size() == 1:
-        return images, texts, captions, caption_image
-    parts: list = [None] * dist.get_world_size()
-    torch.distributed.all_gather_object(parts, (images, texts, captions, caption_image))
-    return merge_rows(parts)
-
-
-def merge_rows(
-    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Processes' ``(images, texts, captions, caption_image)`` as one: rows concatenated in rank order, and each
-    caption's image (a row of its own process's images) shifted to that image's row in the whole."""
-    images, texts = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    if parts[0][2] is None:
-        return images, texts, None, None
-    offsets = torch.tensor([0] + [len(p[0]) for p in parts]).cumsum(0).tolist()
-    captions = torch.cat([p[2] for p in parts])
-    caption_image = torch.cat([p[3] + offset for p, offset in zip(parts, offsets, strict=False)])
-    return images, texts, captions, caption_image
-
-
-def _ranks(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int, correct: torch.Tensor | None) -> torch.Tensor:
-    """0-based rank of the best-scored correct key for each query, computed chunk by chunk.
-
-    ``correct`` is ``None`` when query ``i``'s one correct key is key ``i``; else ``(len(keys),)``: the query each
-    key belongs to (several keys may belong to one query).
-    """
-    ranks = []
-    for start in range(0, len(queries), chunk_size):
-        chunk = queries[start : start + chunk_size]  # (C, D)
-        scores = chunk @ keys.T  # (C, N)
-        rows = torch.arange(start, start + len(chunk))
-        if correct is None:
-            target = scores[torch.arange(len(chunk)), rows]  # (C,)
-        else:
-            mine = correct[None, :] == rows[:, None]  # (C, N)
-            target = scores.masked_fill(~mine, -torch.inf).amax(dim=1)  # (C,)
-        ranks.append((scores > target[:, None]).sum(dim=1))
-    return torch.cat(ranks)
+        return local
+    return torch.cat(dist.all_gather_object(local))
 
 
 def retrieval_metrics(
     images: torch.Tensor, texts: torch.Tensor, chunk_size: int = 1024, text_image: torch.Tensor | None = None
 ) -> dict[str, float]:
-    """OpenCLIP's retrieval metrics for rows of normalized features, with several captions per image COCO-style.
+    """OpenCLIP's retrieval metrics (mean and median rank, R@1/5/10, both directions) over the rows of every process,
+    from ``cadenza.engine.retrieval.retrieval_ranks``; each process passes its own rows.
 
     Without ``text_image``, row ``i`` of ``texts`` is the caption of image ``i`` (OpenCLIP's metrics). With it,
-    ``texts`` holds every caption and ``text_image[j]`` is the image caption ``j`` describes: an image's rank is that
-    of its best-ranked caption among all captions (image→text R@k: any of its captions in the top k), a caption's
-    that of its one image. Every image needs at least one caption. Ranks start at 1; ties count in the query's favour.
+    ``texts`` holds every caption and ``text_image[j]`` is the image (a row of this process's ``images``) caption ``j``
+    describes, COCO-style: an image's rank is that of its best-ranked caption among all captions (image→text R@k: any
+    of its captions in the top k), a caption's that of its one image. Every image needs at least one caption. Ranks
+    start at 1; ties count in the query's favour.
 
     Example:
         >>> images = torch.eye(3)
@@ -316,38 +280,22 @@ def retrieval_metrics(
         >>> retrieval_metrics(images, texts, text_image=torch.tensor([0, 2, 1, 0]))["val/text_to_image_R@1"]
         0.75
     """
-    if text_image is not None:
-        text_image = text_image.long()
-        if len(text_image) != len(texts):
-            raise ValueError(f"text_image has {len(text_image)} entries for {len(texts)} texts")
-        if len(torch.unique(text_image)) != len(images) or text_image.min() < 0 or text_image.max() >= len(images):
-            raise ValueError("every image needs at least one caption, and every caption one image")
+    if text_image is None:
+        text_image = torch.arange(len(images))
+    text_image = text_image.long()
+    if len(text_image) != len(texts):
+        raise ValueError(f"text_image has {len(text_image)} entries for {len(texts)} texts")
+    if len(torch.unique(text_image)) != len(images) or text_image.min() < 0 or text_image.max() >= len(images):
+        raise ValueError("every image needs at least one caption, and every caption one image")
     metrics = {}
-    for name, queries, keys, correct in (
-        ("image_to_text", images, texts, text_image),
-        ("text_to_image", texts, images, None),
-    ):
-        if name == "text_to_image" and text_image is not None:
-            ranks = _caption_ranks(texts, images, text_image, chunk_size).float()
-        else:
-            ranks = _ranks(queries, keys, chunk_size, correct).float()
+    image_ranks, text_ranks = retrieval_ranks(images, texts, text_image, chunk_size)
+    for name, ranks in (("image_to_text", image_ranks), ("text_to_image", text_ranks)):
+        ranks = _gather_rows(ranks.cpu()).float()  # every process's queries: the median needs them all
         metrics[f"val/{name}_mean_rank"] = ranks.mean().item() + 1
         metrics[f"val/{name}_median_rank"] = float(torch.floor(torch.quantile(ranks, 0.5)).item() + 1)
         for k in (1, 5, 10):
             metrics[f"val/{name}_R@{k}"] = (ranks < k).float().mean().item()
     return metrics
-
-
-def _caption_ranks(
-    texts: torch.Tensor, images: torch.Tensor, text_image: torch.Tensor, chunk_size: int
-) -> torch.Tensor:
-    """0-based rank of each caption's image among all images."""
-    ranks = []
-    for start in range(0, len(texts), chunk_size):
-        scores = texts[start : start + chunk_size] @ images.T  # (C, N)
-        target = scores.gather(1, text_image[start : start + chunk_size, None])  # (C, 1)
-        ranks.append((scores > target).sum(dim=1))
-    return torch.cat(ranks)
 
 
 def contrastive_loss(images: torch.Tensor, texts: torch.Tensor, scale: float, chunk_size: int = 1024) -> float:

@@ -1,18 +1,19 @@
-"""Image↔text retrieval recall for images with several captions each, memory-bounded and split over processes.
+"""Image↔text retrieval for images with several captions each, memory-bounded and split over processes.
 
-``retrieval_recall`` is the one function: R@k in both directions, as CLIP papers and LAION's CLIP_benchmark report
-it. Text → image: a caption is a hit at ``k`` when its image is among the ``k`` images scoring highest against it.
-Image → text: an image is a hit at ``k`` when *any* of its captions is among the ``k`` captions scoring highest
-(every caption of an image counts as correct). A query's rank is the number of *other* rows (not its own image, not
-its own captions) that score higher than its best correct row by more than ``TIE`` (1e-5): float32 rounding of a
-dot product of normalized features is about that large, so closer scores (duplicate captions are common) are ties,
-and ties count in the query's favour whichever way the rounding of a particular matrix product fell.
+``retrieval_ranks`` is the one computation: the 0-based rank of every query in both directions. Text → image: a
+caption's rank is the number of images scoring higher against it than its own image. Image → text: an image's rank is
+the number of captions of *other* images scoring higher than its best caption (every caption of an image counts as
+correct). A score counts as higher only by more than ``TIE`` (1e-5): float32 rounding of a dot product of normalized
+features is about that large, so closer scores (duplicate captions are common) are ties, and ties count in the
+query's favour whichever way the rounding of a particular matrix product fell. ``retrieval_recall`` turns the ranks
+into R@k as CLIP papers and LAION's CLIP_benchmark report it (the evaluation suite); ``data.val``'s OpenCLIP metrics
+(mean and median rank too) come from the same ranks (``engine/callbacks.py``).
 
 Each process passes only its own rows: its images and their captions (an image's captions on the same process as the
 image). The keys of every process are streamed past every process's queries, ``chunk_size`` rows at a time (a
 broadcast per chunk): no process ever holds another's features all at once, nor a score matrix larger than
-``chunk_size`` x ``chunk_size``. Hits are counted, and the counts summed, so the result equals one process holding
-every row (also at ties: see ``TIE``).
+``chunk_size`` x ``chunk_size``. The ranks are those one process holding every row would compute (also at ties: see
+``TIE``).
 
 Example:
     >>> import torch
@@ -21,6 +22,8 @@ Example:
     >>> recall = retrieval_recall(images, texts, torch.tensor([0, 1, 1, 2]), ks=(1,))
     >>> recall["image_to_text_R@1"], recall["text_to_image_R@1"]    # caption 1 is nearer image 2
     (1.0, 0.75)
+    >>> retrieval_ranks(images, texts, torch.tensor([0, 1, 1, 2]))[1].tolist()
+    [0, 1, 0, 0]
 """
 
 from __future__ import annotations
@@ -35,25 +38,20 @@ from cadenza.engine import dist
 TIE = 1e-5
 
 
-def retrieval_recall(
-    images: torch.Tensor,
-    texts: torch.Tensor,
-    text_image: torch.Tensor,
-    ks: Sequence[int] = (1, 5, 10),
-    chunk_size: int = 1024,
-) -> dict[str, float]:
-    """R@k image → text and text → image over the rows of every process.
+def retrieval_ranks(
+    images: torch.Tensor, texts: torch.Tensor, text_image: torch.Tensor, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank of each of this process's images and captions among the rows of every process.
 
     Args:
         images: ``(I, D)`` normalized features of this process's images.
         texts: ``(T, D)`` normalized features of this process's captions.
         text_image: ``(T,)`` the row in ``images`` of each caption's image.
-        ks: the ``k`` of each R@k.
         chunk_size: rows compared at a time (and sent per broadcast).
 
     Returns:
-        ``image_to_text_R@k`` and ``text_to_image_R@k`` for each ``k``, fractions of all processes' images and
-        captions.
+        ``(I,)`` and ``(T,)`` 0-based ranks: of each image's best caption among all captions, and of each caption's
+        image among all images (a query is found at ``k`` when its rank is below ``k``).
     """
     device = images.device
     text_image = text_image.to(device=device, dtype=torch.long)
@@ -86,13 +84,29 @@ def retrieval_recall(
             _count_above(
                 images, image_target, image_ids, keys, key_owner, image_above, chunk_size, consecutive_keys=False
             )
+    return image_above, text_above
 
+
+def retrieval_recall(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    text_image: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """R@k image → text and text → image over the rows of every process (arguments as ``retrieval_ranks``'s).
+
+    Returns:
+        ``image_to_text_R@k`` and ``text_to_image_R@k`` for each ``k``, fractions of all processes' images and
+        captions.
+    """
+    image_above, text_above = retrieval_ranks(images, texts, text_image, chunk_size)
     hits = torch.tensor(
         [[int((image_above < k).sum()), int((text_above < k).sum())] for k in ks] + [[len(images), len(texts)]],
         dtype=torch.float64,
-        device=device,
+        device=images.device,
     )  # (len(ks) + 1, 2): image and caption hits per k, then the counts of images and captions
-    if world > 1:
+    if dist.get_world_size() > 1:
         torch.distributed.all_reduce(hits)
     hits = hits.cpu()
     total_images, total_texts = (max(float(n), 1.0) for n in hits[-1])

@@ -19,7 +19,7 @@ import torch
 from cadenza.datasets.context import LoaderContext
 from cadenza.datasets.samples import CAPTION_SALT, CaptionRule, SampleError, sample_seed
 from cadenza.datasets.transforms import image_transform
-from cadenza.engine.callbacks import merge_rows, retrieval_metrics
+from cadenza.engine.callbacks import retrieval_metrics
 from cadenza.engine.errors import ConfigError
 from cadenza.engine.registry import DATASETS
 from cadenza.models.tokenizer import get_tokenizer
@@ -192,15 +192,6 @@ def test_retrieval_counts_any_caption_of_an_image(tmp_path):
     assert metrics["val/image_to_text_mean_rank"] == pytest.approx(sum(image_ranks) / 6 + 1)
     with pytest.raises(ValueError, match="every image needs"):
         retrieval_metrics(images, captions, text_image=torch.tensor([0, 1, 2, 3, 4, 4, 0, 1, 2]))
-    # two processes' rows, each caption pointing at its own process's images, merge into the same metrics
-    first, second = owner < 3, owner >= 3
-    parts = [
-        (images[:3], texts[:3], captions[first], owner[first]),
-        (images[3:], texts[3:], captions[second], owner[second] - 3),
-    ]
-    merged = merge_rows(parts)
-    assert torch.equal(merged[3].sort().values, owner.sort().values)
-    assert retrieval_metrics(merged[0], merged[2], chunk_size=4, text_image=merged[3]) == pytest.approx(metrics)
 
 
 def test_validation_scores_every_caption(tiny, tmp_path):
