@@ -63,8 +63,9 @@ class TimmImageTower(nn.Module):
         proj: ``linear`` (a projection after the trunk) or ``none`` (the trunk's head outputs ``embed_dim``).
         proj_bias: OpenCLIP's projections have none.
         pool: the trunk's global pooling (timm's ``global_pool``); ``None`` keeps the model's default.
-        init: ``timm`` (the trunk's own initialisation) or ``openclip`` (OpenCLIP's ``VisionTransformer``'s, see
-            :func:`init_like_openclip`; ViT trunks only).
+        init: ``openclip`` (OpenCLIP's ``VisionTransformer``'s, see :func:`init_like_openclip`; ViT trunks only) or
+            ``timm`` (the trunk's own initialisation); default: ``openclip`` for a ViT trunk, as OpenCLIP's ViT
+            architectures start, and ``timm`` for the others (ResNet, ConvNeXt).
     """
 
     def __init__(
@@ -76,12 +77,12 @@ class TimmImageTower(nn.Module):
         proj: str = "linear",
         proj_bias: bool = False,
         pool: str | None = None,
-        init: str = "timm",
+        init: str | None = None,
     ) -> None:
         super().__init__()
         if proj not in PROJECTIONS:
             raise ValueError(f"proj must be one of {PROJECTIONS}, got {proj!r}")
-        if init not in INITS:
+        if init is not None and init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.image_size = image_size
         self.timm_model = timm_model
@@ -98,8 +99,9 @@ class TimmImageTower(nn.Module):
             nn.init.normal_(self.proj.weight, std=width**-0.5)
         else:
             self.proj = nn.Identity()
-        if init == "openclip":
-            if not hasattr(self.trunk, "blocks") or not hasattr(self.trunk, "pos_embed"):
+        is_vit = hasattr(self.trunk, "blocks") and hasattr(self.trunk, "pos_embed")
+        if init == "openclip" or (init is None and is_vit):
+            if not is_vit:
                 raise ValueError(f"init 'openclip' is OpenCLIP's ViT initialisation; {timm_model} is not a ViT")
             init_like_openclip(self.trunk, self.proj)
 

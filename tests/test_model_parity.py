@@ -202,17 +202,22 @@ def _enable_open_clip_generate(monkeypatch) -> None:
 
 
 def test_openclip_initialisation_draws_like_openclips_vision_transformer():
-    """``vision: {init: openclip}``: every image-tower tensor has the spread OpenCLIP's own initialisation gives it
-    (timm's is std 0.02 everywhere), checked tensor by tensor through the weight conversion."""
+    """A ViT tower starts as OpenCLIP's (the default, ``vision: {init: openclip}``): every image-tower tensor has the
+    spread OpenCLIP's own initialisation gives it (timm's is std 0.02 everywhere), checked tensor by tensor through the
+    weight conversion; ``init: timm`` keeps timm's."""
     torch.manual_seed(0)
-    ours = create_model("tiny-vit", vision={"init": "openclip"})
+    ours = create_model("tiny-vit")
     theirs = open_clip.CLIP(**openclip_model_config(ours)).state_dict()
     converted = cadenza_to_openclip(ours.state_dict(), ours)
     for key, value in theirs.items():
         if key.startswith("visual.") and value.numel() > 64:  # sample std of large tensors only
             assert converted[key].std().item() == pytest.approx(value.std().item(), rel=0.15), key
-    timm_default = create_model("tiny-vit").state_dict()["visual.trunk.blocks.0.attn.qkv.weight"]
-    assert timm_default.std().item() == pytest.approx(0.02, rel=0.1)
+    qkv = "visual.trunk.blocks.0.attn.qkv.weight"
+    torch.manual_seed(0)
+    assert torch.equal(create_model("tiny-vit", vision={"init": "openclip"}).state_dict()[qkv], ours.state_dict()[qkv])
+    timm_init = create_model("tiny-vit", vision={"init": "timm"}).state_dict()[qkv]
+    assert timm_init.std().item() == pytest.approx(0.02, rel=0.1)
+    create_model("tiny-rn")  # other towers keep timm's without being asked
     with pytest.raises(ValueError, match="not a ViT"):
         create_model("tiny-rn", vision={"init": "openclip"})
     with pytest.raises(ValueError, match="init must be one of"):
