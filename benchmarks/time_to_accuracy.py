@@ -412,8 +412,8 @@ def report(args, results: dict, parity: dict, load_before: tuple, name: str) -> 
             }
         )
     payload: dict = {
-        "shared_machine": True,
         "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "settings": {
             "seeds": args.seeds,
             "budget_s": args.budget,
@@ -459,9 +459,13 @@ def report(args, results: dict, parity: dict, load_before: tuple, name: str) -> 
             f"Wall-clock from process start to the first checkpoint at >= 80% / >= 90% zero-shot top-1 on the held-out "
             f"digits (split seed {args.split_seed}), medians over seeds {args.seeds}, budget {args.budget:.0f} s per "
             f"run; checkpoints every epoch on both sides. ratio_to_90 (OpenCLIP best / Cadenza fastest) = "
-            f"{payload['ratio_to_90']}, ratio_to_80 = {payload['ratio_to_80']}. The machine was shared with other "
-            "jobs (load average at the start: " + " / ".join(f"{x:.1f}" for x in load_before) + "); the systems "
-            "alternate within each seed so that load falls on all of them. Parity of the initial forward: "
+            f"{payload['ratio_to_90']}, ratio_to_80 = {payload['ratio_to_80']}. Load average (1 / 5 / 15 min) at the "
+            "start: "
+            + " / ".join(f"{x:.1f}" for x in load_before)
+            + ", at the end: "
+            + " / ".join(f"{x:.1f}" for x in os.getloadavg())
+            + " (above 2 on these 2 cores: other jobs shared the machine); the systems alternate within each seed so "
+            "that load falls on all of them. Parity of the initial forward: "
             f"{parity}."
         )
     return payload, rows, columns, notes
