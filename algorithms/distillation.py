@@ -74,7 +74,12 @@ def teacher_outputs(
 ) -> dict[str, torch.Tensor]:
     """The teacher's normalized features and scale (``1 / temperature`` when set), under the keys ``DistillClipLoss``
     reads. Captions cut after the batch's longest (``model.trim_text_padding``) are padded back for a teacher whose text
-    tower needs every position."""
+    tower needs every position. Images of another size than the teacher's (a batch made smaller by
+    ``progressive_resizing`` or ``clipa``, or a teacher trained at another resolution) are resized to it: the teacher
+    sees the student's view at its own resolution."""
+    size = getattr(teacher, "image_size", None)
+    if size is not None and tuple(images.shape[-2:]) != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     if not getattr(teacher, "trims_text_padding", False) and tokens.shape[1] < teacher.context_length:
         tokens = F.pad(tokens, (0, teacher.context_length - tokens.shape[1]), value=teacher.text.pad_id)
     out = teacher(images, tokens)

@@ -268,6 +268,24 @@ def test_distillation_trains_and_rejects_accumulation(tiny):
         Trainer(tiny(*NO_EVAL, "run.name=siglip", "loss.name=siglip", "algorithms.distillation={teacher: tiny-vit}"))
 
 
+def test_the_teacher_sees_smaller_images_at_its_own_resolution():
+    """progressive_resizing and clipa shrink the batch before the teacher runs: the teacher gets the student's view
+    resized to its input size (a ViT without a resampled grid would reject it), the same as resizing by hand."""
+    import torch.nn.functional as F
+
+    from cadenza.algorithms.distillation import teacher_outputs
+
+    teacher = create_model("tiny-vit").eval()
+    images, tokens = tiny_batch(teacher)
+    small = F.interpolate(images, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+    up = F.interpolate(small, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    assert teacher.image_size == 32
+    got, expected = teacher_outputs(teacher, small, tokens), teacher_outputs(teacher, up, tokens)
+    for key in got:
+        torch.testing.assert_close(got[key], expected[key])
+    assert not torch.allclose(got["dist_image_features"], teacher_outputs(teacher, images, tokens)["dist_image_features"])
+
+
 def test_distillation_rejects_a_non_clip_loss_when_checked_not_at_init():
     """The loss is built before the algorithms are checked, so the combination fails before any teacher is built."""
     from cadenza.models.losses import ClipLoss, SigLipLoss

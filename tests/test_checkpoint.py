@@ -138,6 +138,7 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(ti
 
 
 #: written by the code before the move to train/ (commit 6a3c730): yamls/tiny.yaml with these overrides, 4 of 8 steps
+#: (its image tower started from timm's initialisation, the default then)
 PRELAYOUT = Path(__file__).parent / "fixtures" / "prelayout-ep0-ba4.pt"
 PRELAYOUT_RUN = (
     "data.val=null",
@@ -145,7 +146,7 @@ PRELAYOUT_RUN = (
     "data.batch_size=8",
     "optim.scheduler=const",
     "checkpoint.save_interval=4ba",
-    "model.overrides={text: {vocab_size: 256, width: 32}, vision: {timm_kwargs: {embed_dim: 32}}}",
+    "model.overrides={text: {vocab_size: 256, width: 32}, vision: {init: timm, timm_kwargs: {embed_dim: 32}}}",
 )
 
 
