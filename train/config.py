@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cadenza import algorithms, datasets, models  # noqa: F401 - their modules fill the tables below
 from cadenza.datasets.transforms import check_augment
-from cadenza.engine import callbacks, logger_destinations, remote_sync  # noqa: F401 - so do these
+from cadenza.engine import callbacks, logger_destinations, profiling, remote_sync  # noqa: F401 - so do these
 from cadenza.engine.errors import ConfigError, suggest
 from cadenza.engine.object_store import check_storage, is_remote
 from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, LOSSES, MODELS
@@ -495,5 +495,6 @@ def loss_arguments(loss: DictConfig) -> dict[str, Any]:
 
 #: arguments a dataset builder gets from the trainer, never from YAML
 DATASET_RUNTIME_ARGS = ("context",)  # a LoaderContext: batch size, processes, seed, the model's input sizes, ...
-#: arguments a logger or callback gets from the trainer
-LOGGER_RUNTIME_ARGS = CALLBACK_RUNTIME_ARGS = ("run_dir",)
+#: arguments a logger or callback gets from the trainer (the run folder; steps per logging window)
+LOGGER_RUNTIME_ARGS = ("run_dir",)
+CALLBACK_RUNTIME_ARGS = ("run_dir", "log_every")

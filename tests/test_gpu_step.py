@@ -1,0 +1,134 @@
+"""The step a GPU needs, tested on the CPU: no host sync in steady-state steps, non-finite losses and gradients
+skipped on the device and reported at the next check, the profiler and memory-monitor callbacks."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from cadenza.engine import Callback, TrainingError
+from cadenza.engine.profiling import HostSyncCounter
+from cadenza.train.trainer import Trainer
+
+NO_EVAL = ("data.val=null", "optim.warmup=0ba")
+
+
+class SyncsPerStep(Callback):
+    """Host syncs counted from the batch's arrival on the device to the end of its step (the data loader, which
+    works on host tensors by design, is outside), per step."""
+
+    def __init__(self, counter: HostSyncCounter) -> None:
+        self.counter = counter
+        self.steps: dict[int, Counter] = {}
+
+    def after_dataloader(self, state, logger):
+        self._before = Counter(self.counter.calls)
+
+    def batch_end(self, state, logger):  # user callbacks run last: after the metrics of a logging window
+        self.steps[state.timestamp.batch] = Counter(self.counter.calls) - self._before
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        # fused AdamW, gradient clipping, EMA, accumulation (its caching pass) and the metrics of every step
+        ("optim.grad_clip_norm=1.0", "algorithms.ema={decay: 0.9}", "optim.accum_freq=2", "data.batch_size=8"),
+        ("run.precision=amp",),  # GradScaler: unscale, inf checks and the scale update stay on the device
+    ],
+    ids=["fp32-clip-ema-accum", "amp"],
+)
+def test_steady_state_steps_make_no_host_sync(tiny, setting):
+    # logging windows (every 100 steps, and the last), saves and evaluation are the checks; steps 2-4 are steady
+    overrides = (*NO_EVAL, "run.duration=5ba", "run.log_interval=100ba", "checkpoint.save_interval=100ba", *setting)
+    counter = HostSyncCounter()
+    recorder = SyncsPerStep(counter)
+    trainer = Trainer(tiny(*overrides), callbacks=[recorder])
+    with counter:
+        trainer.fit()
+    assert {step: dict(calls) for step, calls in recorder.steps.items() if 2 <= step <= 4} == {2: {}, 3: {}, 4: {}}
+    assert recorder.steps[5]  # the last step is a logging window: its check and metrics do sync (the counter works)
+
+
+class Poison(Callback):
+    """Makes the loss or one gradient non-finite at ``step``, and keeps the weights as they were after step 1."""
+
+    def __init__(self, what: str, step: int) -> None:
+        self.what, self.step = what, step
+        self.after_step_1: dict[str, torch.Tensor] = {}
+
+    def after_loss(self, state, logger):
+        if self.what == "loss" and state.timestamp.batch + 1 == self.step:
+            state.loss = state.loss * float("nan")
+
+    def before_optimizer_step(self, state, logger):  # after clipping: the NaN reaches the optimizer
+        if self.what == "gradients" and state.timestamp.batch + 1 == self.step:
+            next(state.model.parameters()).grad.view(-1)[0] = float("nan")
+
+    def batch_end(self, state, logger):
+        if state.timestamp.batch == 1:
+            self.after_step_1 = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    ("setting", "what", "message"),
+    [
+        # amp: the non-finite loss joins the GradScaler's findings, which skip the step on the device; the logging
+        # window at step 3 is the first check
+        (("run.precision=amp",), "loss", r"the loss is nan at step 2 and training stopped after step 3 "),
+        # bf16 weights: gradients are watched each step, on the device
+        (("run.precision=bf16",), "gradients", r"gradients are not finite at step 2 .* stopped after step 3 "),
+        # an optimizer without found_inf: checked on the host before each update
+        (("optim.fused=false",), "loss", r"the loss is nan at step 2 and training stopped after step 1 "),
+        # fp32 and a finite loss: the gradient reaches the weights, and the check before the save at step 2 finds it
+        (
+            ("checkpoint.save_interval=2ba",),
+            "gradients",
+            r"weights are not finite .* and training stopped after step 2 ",
+        ),
+    ],
+    ids=["amp-loss", "bf16-gradients", "unfused-loss", "fp32-gradients-before-a-save"],
+)
+def test_non_finite_values_never_reach_the_weights_or_a_checkpoint(tiny, setting, what, message):
+    overrides = ("optim.grad_clip_norm=null", "run.duration=4ba", "run.log_interval=3ba")
+    poison = Poison(what, step=2)
+    trainer = Trainer(tiny(*NO_EVAL, *overrides, "checkpoint.save_interval=100ba", *setting), callbacks=[poison])
+    with pytest.raises(TrainingError, match=message):
+        trainer.fit()
+    assert not list((trainer.run_dir / "checkpoints").glob("ep*-ba*.pt"))
+    if what == "gradients" and "run.precision=bf16" not in setting:
+        return  # fp32 does not watch gradients every step: the save's check stopped them reaching a checkpoint
+    for name, value in trainer.state.model.state_dict().items():  # steps 2 and after were skipped
+        torch.testing.assert_close(value, poison.after_step_1[name], rtol=0, atol=0, msg=name)
+
+
+def test_profiler_and_memory_monitor_write_what_they_promise(tiny):
+    callbacks = ("+callbacks.profiler={wait: 1, warmup: 1, active: 2, top: 5}", "+callbacks.memory_monitor={}")
+    trainer = Trainer(tiny(*NO_EVAL, "run.duration=6ba", "run.log_interval=3ba", *callbacks))
+    trainer.fit()
+    profiler = trainer.run_dir / "profiler"
+    trace = json.loads((profiler / "rank0.step4.pt.trace.json").read_text())  # steps 3-4 traced (1 wait, 1 warmup)
+    assert len([e for e in trace["traceEvents"] if str(e.get("name")).startswith("ProfilerStep#")]) == 2
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
+    (summary,) = json.loads((profiler / "summary_rank0.json").read_text())
+    assert summary["steps"] == 2 and summary["step_ms"] > 0 and summary["device_busy"] is None  # no GPU here
+    assert len(summary["top"]) == 5 and sum(op["share"] for op in summary["top"]) <= 1
+    log = (trainer.run_dir / "out.log").read_text()
+    assert "profiler: 2 steps to step 4 traced" in log and "Self CPU" in log  # torch's table of the top ops
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    memory = [row for row in rows if "memory/rss_gib" in row]
+    assert [row["step"] for row in memory] == [3, 6]
+    assert all(0 < row["memory/rss_gib"] <= row["memory/peak_rss_gib"] for row in memory)
+
+
+def test_profiler_settings_are_checked_when_the_config_loads(tiny):
+    from cadenza.engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="callbacks.profiler.activ"):
+        tiny("+callbacks.profiler={activ: 3}")
+    with pytest.raises(ConfigError, match="callbacks.memory_monitor.log_every"):  # given by the trainer, not YAML
+        tiny("+callbacks.memory_monitor={log_every: 3}")
+    with pytest.raises(ConfigError, match="active and top at least 1"):
+        Trainer(tiny("+callbacks.profiler={active: 0}"))
