@@ -78,6 +78,41 @@ def cadenza_flops(config: Config, model: torch.nn.Module, precision: str) -> flo
     return flops_per_sample(model, precision, text_length=model.trim_text_padding(tokens).shape[1])
 
 
+def measure(config: Config, device: str, rounds: int = 2) -> dict:
+    """One config, OpenCLIP then Cadenza, ``rounds`` times (A B A B): samples/s, ratio and MFU (a printed line and a
+    results row)."""
+    label, model, batch, precision, steps, warmup, workers, oc_extra = config[:8]
+    cz_extra = config.cadenza_overrides
+    with torch.device("meta"):
+        meta_model = create_model(model)
+        flops, cz_flops = flops_per_sample(meta_model, precision), cadenza_flops(config, meta_model, precision)
+    peak = measured_peak_flops(device, None, matmul_dtype(precision))
+    openclip, cadenza = [], []
+    for _ in range(rounds):
+        openclip.append(steady(run_openclip(model, batch, precision, steps, workers, oc_extra, device), warmup))
+        cadenza.append(steady(run_cadenza(model, batch, precision, steps, workers, cz_extra, device), warmup))
+    oc, cz = statistics.median(openclip), statistics.median(cadenza)
+    print(  # noqa: T201
+        f"{label:44s} openclip {oc:8.1f}/s  cadenza {cz:8.1f}/s  ratio {cz / oc:.2f}  "
+        f"MFU {flops * oc / peak:.0%} / {cz_flops * cz / peak:.0%}",
+        flush=True,
+    )
+    return {
+        "config": label,
+        "batch": batch,
+        "openclip_sps": oc,
+        "cadenza_sps": cz,
+        "ratio": cz / oc,
+        "openclip_mfu": flops * oc / peak,
+        "cadenza_mfu": cz_flops * cz / peak,
+        "gflop_per_sample": flops / 1e9,
+        "cadenza_gflop_per_sample": cz_flops / 1e9,
+        "peak_gflops": peak / 1e9,
+        "openclip_runs": openclip,
+        "cadenza_runs": cadenza,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="run the GPU configs")
@@ -90,40 +125,7 @@ def main() -> None:
     if not configs:
         parser.error(f"no config label contains {args.only!r}")
     device = "cuda" if args.gpu else "cpu"
-    rows = []
-    for config in configs:
-        label, model, batch, precision, steps, warmup, workers, oc_extra = config[:8]
-        cz_extra = config.cadenza_overrides
-        with torch.device("meta"):
-            meta_model = create_model(model)
-            flops, cz_flops = flops_per_sample(meta_model, precision), cadenza_flops(config, meta_model, precision)
-        peak = measured_peak_flops(device, None, matmul_dtype(precision))
-        openclip, cadenza = [], []
-        for _ in range(args.rounds):
-            openclip.append(steady(run_openclip(model, batch, precision, steps, workers, oc_extra), warmup))
-            cadenza.append(steady(run_cadenza(model, batch, precision, steps, workers, cz_extra), warmup))
-        oc, cz = statistics.median(openclip), statistics.median(cadenza)
-        rows.append(
-            {
-                "config": label,
-                "batch": batch,
-                "openclip_sps": oc,
-                "cadenza_sps": cz,
-                "ratio": cz / oc,
-                "openclip_mfu": flops * oc / peak,
-                "cadenza_mfu": cz_flops * cz / peak,
-                "gflop_per_sample": flops / 1e9,
-                "cadenza_gflop_per_sample": cz_flops / 1e9,
-                "peak_gflops": peak / 1e9,
-                "openclip_runs": openclip,
-                "cadenza_runs": cadenza,
-            }
-        )
-        print(  # noqa: T201
-            f"{label:44s} openclip {oc:8.1f}/s  cadenza {cz:8.1f}/s  ratio {cz / oc:.2f}  "
-            f"MFU {flops * oc / peak:.0%} / {cz_flops * cz / peak:.0%}",
-            flush=True,
-        )
+    rows = [measure(config, device, args.rounds) for config in configs]
     name = args.name or ("train_throughput_gpu" if args.gpu else "train_throughput_cpu")
     path = write_results(
         name,

@@ -300,9 +300,10 @@ _HOST_METHODS = ("tolist", "numpy", "cpu")
 
 
 class HostSyncCounter(TorchDispatchMode):
-    """Counts the calls that make the host wait for the device, on any device: ``with HostSyncCounter() as syncs:
-    ...; syncs.count``. On a CPU nothing waits, but the same calls are counted, so a CPU test finds the syncs a GPU run
-    would have. ``syncs.calls`` names them. Counts from every thread that runs torch ops under the mode.
+    """Counts the calls that make the host wait for the device: ``with HostSyncCounter() as syncs: ...; syncs.count``
+    (``syncs.calls`` names them). On a CPU (``device="cpu"``, the default) nothing waits, but the same calls are
+    counted on every tensor, so a CPU test finds the syncs a GPU run would have (and also host-side ones, such as the
+    step counters of torch's unfused AdamW). With ``device="cuda"`` only calls on device tensors count.
 
     Example:
         >>> import torch
@@ -314,8 +315,9 @@ class HostSyncCounter(TorchDispatchMode):
         (2, {'_local_scalar_dense': 2})
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: str | torch.device = "cpu") -> None:
         super().__init__()
+        self.every_tensor = torch.device(device).type == "cpu"
         self.calls: Counter = Counter()
         self._originals: dict[str, Any] = {}
         self._in_method = 0  # inside a counted tolist/numpy/cpu: its own copy is not counted again
@@ -326,7 +328,7 @@ class HostSyncCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
-        if name in _SYNCING_OPS:
+        if name in _SYNCING_OPS and (self.every_tensor or _on_device(args)):
             self.calls[name] += 1
         elif name in ("_to_copy", "copy_") and not self._in_method and _device_to_host(func, args, kwargs or {}):
             self.calls["copy to host"] += 1
@@ -349,7 +351,8 @@ class HostSyncCounter(TorchDispatchMode):
 
     def _counting(self, method: str, original: Any) -> Any:
         def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            self.calls[method] += 1
+            if self.every_tensor or tensor.device.type != "cpu":
+                self.calls[method] += 1
             self._in_method += 1
             try:
                 return original(tensor, *args, **kwargs)
@@ -357,6 +360,10 @@ class HostSyncCounter(TorchDispatchMode):
                 self._in_method -= 1
 
         return counted
+
+
+def _on_device(args: tuple) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)
 
 
 def _device_to_host(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:

@@ -4,6 +4,8 @@ skipped on the device and reported at the next check, the profiler and memory-mo
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -12,6 +14,8 @@ import torch
 from cadenza.engine import Callback, TrainingError
 from cadenza.engine.profiling import HostSyncCounter
 from cadenza.train.trainer import Trainer
+
+from .conftest import ROOT
 
 NO_EVAL = ("data.val=null", "optim.warmup=0ba")
 
@@ -132,3 +136,32 @@ def test_profiler_settings_are_checked_when_the_config_loads(tiny):
         tiny("+callbacks.memory_monitor={log_every: 3}")
     with pytest.raises(ConfigError, match="active and top at least 1"):
         Trainer(tiny("+callbacks.profiler={active: 0}"))
+
+
+def test_gpu_check_runs_every_part_on_a_cpu(tmp_path):
+    """benchmarks/gpu_check.py in its CPU mode: every part runs (those needing CUDA say what they did instead), the
+    table and JSON name the machine, and Cadenza's steady-state step makes no host sync there either."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--model", "tiny-vit"]
+    command += ["--quick", "--budget", "7200", "--out", str(tmp_path)]  # a budget no loaded machine reaches
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert record["machine"]["cpu"] and "gpu" not in record["machine"]
+    rows = {}
+    for row in record["rows"]:
+        rows.setdefault(row["part"], []).append(row)
+    assert set(rows) == {"user_yaml", "side_by_side", "profile", "ddp", "fsdp", "resume", "streaming"}
+    for part, part_rows in rows.items():  # every row has a number or says why it has none
+        for row in part_rows:
+            assert row["samples_per_second"] != "" or row["result"], (part, row)
+            assert not str(row["result"]).startswith(("failed", "timeout")), (part, row)
+    assert rows["user_yaml"][0]["samples_per_second"] > 0 and rows["user_yaml"][0]["peak_gib"] > 0
+    assert rows["user_yaml"][1]["result"].startswith("skipped: --quick")
+    assert "x OpenCLIP" in rows["side_by_side"][0]["result"]
+    cadenza_profile = record["details"]["profile"][0]
+    assert cadenza_profile["syncs_per_step"] == [0, 0] and cadenza_profile["summary"]["steps"] == 2
+    assert "NCCL needs CUDA" in rows["ddp"][0]["result"] and "loss equal" in rows["ddp"][0]["result"]
+    assert rows["resume"][0]["result"].startswith("bit-identical weights")
+    assert rows["streaming"][0]["samples_per_second"] > 0
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert record["machine"]["cpu"] in table and "| profile | Cadenza's training step" in table
