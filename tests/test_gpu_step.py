@@ -165,3 +165,52 @@ def test_gpu_check_runs_every_part_on_a_cpu(tmp_path):
     assert rows["streaming"][0]["samples_per_second"] > 0
     table = (tmp_path / "gpu_check.md").read_text()
     assert record["machine"]["cpu"] in table and "| profile | Cadenza's training step" in table
+
+
+def test_fast_cpu_paths_keep_the_function():
+    """The patch embedding as a matmul and matmul attention on a CPU (models/vision.py, models/text.py) compute what
+    the convolution and fused SDPA compute: exactly in fp32, within bf16 rounding under amp_bf16, gradients too."""
+    from cadenza.engine.registry import LOSSES
+    from cadenza.models import create_model
+    from cadenza.models.vision import PatchifyConv2d
+
+    conv = torch.nn.Conv2d(3, 8, 4, stride=4)
+    patchify = PatchifyConv2d(3, 8, 4, stride=4)
+    patchify.load_state_dict(conv.state_dict())
+    images = torch.randn(2, 3, 16, 12)
+    torch.testing.assert_close(patchify(images), conv(images), rtol=1e-5, atol=1e-5)
+
+    def loss_and_grads(model, fast: bool, precision: torch.dtype | None):
+        model.zero_grad(set_to_none=True)
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = not fast
+            if hasattr(module, "matmul_attention"):
+                module.matmul_attention = fast
+        torch.manual_seed(0)
+        images = torch.randn(8, 3, model.image_size, model.image_size)
+        tokens = torch.randint(1, model.vocab_size, (8, model.context_length))
+        with torch.autocast("cpu", dtype=precision or torch.float32, enabled=precision is not None):
+            loss = sum(LOSSES.build("clip", {}, "loss")(**model(images, tokens)).values())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model = create_model("tiny-vit")
+    assert isinstance(model.visual.trunk.patch_embed.proj, PatchifyConv2d)
+    assert model.text.transformer.resblocks[0].attn.matmul_attention  # chosen for the CPU
+    exact_loss, exact = loss_and_grads(model, fast=False, precision=None)
+    fast_loss, fast = loss_and_grads(model, fast=True, precision=None)
+    torch.testing.assert_close(fast_loss, exact_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in exact.items():
+        torch.testing.assert_close(fast[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    def errors(loss, grads):  # against fp32: the loss's, and the worst parameter's gradient (relative norms)
+        worst = max(((grads[n].float() - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in exact.items())
+        return abs(loss.item() - exact_loss.item()) / abs(exact_loss.item()), worst
+
+    # amp_bf16: both paths round; the fast one's distance from fp32 is of bf16's size, like the fused one's
+    fused_error = errors(*loss_and_grads(model, fast=False, precision=torch.bfloat16))
+    fast_error = errors(*loss_and_grads(model, fast=True, precision=torch.bfloat16))
+    assert fast_error[0] <= 2 * fused_error[0] + 1e-3, (fast_error, fused_error)
+    assert fast_error[1] <= 2 * fused_error[1] + 1e-2, (fast_error, fused_error)
+    assert fused_error[1] < 0.1  # the comparison is between small numbers
