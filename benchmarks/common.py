@@ -115,17 +115,40 @@ def openclip_entry(model: str, folder: Path) -> list[str]:
 
 
 def run_cadenza(
-    model: str, batch: int, precision: str, steps: int, workers: int, extra: list[str] = (), device: str = "auto"
+    model: str,
+    batch: int,
+    precision: str,
+    steps: int,
+    workers: int,
+    extra: list[str] = (),
+    device: str = "auto",
+    code: Path | None = None,
 ) -> list[float]:
-    """Per-step samples/s of ``composer`` on synthetic data (metrics every step, device synchronized)."""
+    """Per-step samples/s of ``composer`` on synthetic data (metrics every step, device synchronized); ``code``: a
+    folder holding another Cadenza as the ``cadenza`` package (``cadenza_at``), imported instead of this one."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory() as logs:
         command = [sys.executable, "-m", "cadenza.train.cli", str(ROOT / "yamls" / "tiny.yaml")]
         command += [*speed_run_overrides(model, batch, precision, steps, workers, logs), f"run.device={device}", *extra]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=env if code else None)
         if result.returncode != 0:
             raise RuntimeError(f"composer failed:\n{(result.stdout + result.stderr)[-3000:]}")
         rows = [json.loads(line) for line in (Path(logs) / "tiny" / "metrics.jsonl").read_text().splitlines()]
         return [row["train/samples_per_second"] for row in rows if "train/samples_per_second" in row]
+
+
+def cadenza_at(revision: str, folder: Path) -> Path:
+    """This repository's Cadenza at git ``revision``, exported into ``folder`` as an importable ``cadenza`` package
+    (``folder`` is what goes on ``PYTHONPATH``): the earlier code measured in the same run as the current one."""
+    source = folder / "source"
+    source.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    package = folder / "cadenza"
+    package.mkdir()
+    for name in ("engine", "train", "algorithms", "datasets", "models"):
+        (package / name).symlink_to(source / name)
+    return folder
 
 
 def speed_run_overrides(model: str, batch: int, precision: str, steps: int, workers: int, logs: str) -> list[str]:
