@@ -201,8 +201,8 @@ def test_fast_cpu_paths_keep_the_function():
     exact_loss, exact = loss_and_grads(model, fast=False, precision=None)
     fast_loss, fast = loss_and_grads(model, fast=True, precision=None)
     torch.testing.assert_close(fast_loss, exact_loss, rtol=1e-5, atol=1e-6)
-    for name, grad in exact.items():
-        torch.testing.assert_close(fast[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for name, grad in exact.items():  # fp32 rounding of a different summation order, relative to the largest value
+        assert (fast[name] - grad).abs().max() <= 1e-5 * grad.abs().max().clamp_min(1e-6), name
 
     def errors(loss, grads):  # against fp32: the loss's, and the worst parameter's gradient (relative norms)
         worst = max(((grads[n].float() - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in exact.items())
