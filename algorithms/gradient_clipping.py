@@ -70,7 +70,6 @@ def _clip_sharded_grad_norm(parameters: list[torch.nn.Parameter], norm: float) -
     if replicated:
         squares.append(torch.nn.utils.get_total_norm(replicated).to(squares[0].device) ** 2)
     total = torch.stack(squares).sum().sqrt()
-    coefficient = min(norm / (total.item() + 1e-6), 1.0)  # clip_grad_norm_'s rule
-    for grad in sharded + replicated:
-        grad.mul_(coefficient)
+    coefficient = torch.clamp(norm / (total + 1e-6), max=1.0)  # clip_grad_norm_'s rule, on the device: no sync
+    torch._foreach_mul_(sharded + replicated, coefficient)
     return total

@@ -387,6 +387,8 @@ class CheckpointSaver(Callback):
         """Write the checkpoint for the current step (once per step), then apply retention and upload."""
         if state.timestamp.batch == self._last_saved_batch:
             return None
+        if state.guard is not None:  # never save what follows a non-finite loss or holds non-finite weights
+            state.guard.check(weights=state.model.parameters())
         self._last_saved_batch = state.timestamp.batch
         self._last_save_time = time.monotonic()
         path = self.folder / checkpoint_name(state.timestamp.epoch, state.timestamp.batch)

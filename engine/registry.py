@@ -63,7 +63,8 @@ class Registry(Generic[T]):
         for arg in args:
             if arg in runtime or (arg not in params and not takes_any):
                 raise ConfigError(
-                    f"{key}.{arg}", f"{self.kind} '{name}' has no argument '{arg}'.{suggest(arg, params)}"
+                    f"{key}.{arg}",
+                    f"{self.kind} '{name}' has no argument '{arg}'.{suggest(arg, [p for p in params if p not in runtime])}",
                 )
         for param_name, param in params.items():
             if param.default is param.empty and param_name not in args and param_name not in runtime:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from cadenza.engine.dist import DistInfo, all_gather_object
+from cadenza.engine.finite import NonFiniteGuard
 from cadenza.engine.fsdp import (
     full_tensors,
     load_model_state_dict,
@@ -40,6 +41,8 @@ class State:
         max_batches: the run's length in optimizer steps; ``batches_per_epoch`` likewise.
         train_loader, eval_loader: ``data.train`` and ``data.val`` (see ``Loader``), ``None`` when unset.
         stop_training: set by a hook to end ``fit`` after the current step.
+        guard: watches losses on the device and skips updates after a non-finite one (``engine/finite.py``); its
+            ``check`` (one sync) runs at logging windows and before checkpoint saves.
     """
 
     model: nn.Module
@@ -71,6 +74,7 @@ class State:
     step_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     stop_training: bool = False
+    guard: NonFiniteGuard | None = None
 
     def __post_init__(self) -> None:
         if self.wrapped_model is None:

@@ -11,6 +11,11 @@ Two shapes cover OpenCLIP's architectures:
 CoCa's image tower (``AttentionalPoolImageTower``) is a timm ViT whose every token, before any final norm, feeds
 OpenCLIP's attentional pooler: learned queries cross-attend to them; the first query, projected, is the image
 embedding and the others are the image tokens the multimodal decoder reads.
+
+A trunk's patch embedding (a ViT's, a ConvNeXt's stem: a convolution whose windows do not overlap) runs as one
+matrix multiply over the image's patches (``PatchifyConv2d``): the same function and parameters, and on a CPU its
+backward pass is a GEMM instead of oneDNN's convolution backward (ViT-B-32, batch 32, amp_bf16: 119 ms instead of
+1.42 s of CPU per step on a Sapphire Rapids core pair).
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ from typing import Any
 
 import timm
 import torch
-from timm.layers import Format
+import torch.nn.functional as F
+from timm.layers import Format, use_fused_attn
 from torch import nn
+
+from cadenza.models.text import prefers_matmul_attention
 
 PROJECTIONS = ("linear", "none")
 #: how a ViT trunk's weights start: timm's (truncated normal, std 0.02) or OpenCLIP's VisionTransformer's
@@ -93,6 +101,8 @@ class TimmImageTower(nn.Module):
         self.trunk = timm.create_model(
             timm_model, pretrained=False, num_classes=num_classes, **extra, **self.timm_kwargs
         )
+        patchify_first_convolution(self.trunk)
+        choose_attention(self.trunk)
         if proj == "linear":
             width = self.trunk.num_features
             self.proj = nn.Linear(width, embed_dim, bias=proj_bias)
@@ -107,6 +117,11 @@ class TimmImageTower(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(device) and friends: attention follows the device
+        module = super()._apply(fn, recurse)
+        choose_attention(self.trunk)
+        return module
 
     def no_weight_decay(self) -> set[str]:
         names = getattr(self.trunk, "no_weight_decay", lambda: set())()
@@ -194,6 +209,8 @@ class AttentionalPoolImageTower(nn.Module):
         self.trunk = timm.create_model(
             timm_model, pretrained=False, num_classes=0, global_pool="", final_norm=False, **self.timm_kwargs
         )
+        patchify_first_convolution(self.trunk)
+        choose_attention(self.trunk)
         width = self.trunk.num_features
         self.attn_pool = AttentionalPooler(embed_dim, width, attn_pooler_heads, attn_pooler_queries)
         self.ln_post = nn.LayerNorm(embed_dim)
@@ -203,6 +220,11 @@ class AttentionalPoolImageTower(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)
 
+    def _apply(self, fn, recurse: bool = True):  # .to(device) and friends: attention follows the device
+        module = super()._apply(fn, recurse)
+        choose_attention(self.trunk)
+        return module
+
     def no_weight_decay(self) -> set[str]:
         names = getattr(self.trunk, "no_weight_decay", lambda: set())()
         return {f"trunk.{name}" for name in names}
@@ -211,3 +233,57 @@ class AttentionalPoolImageTower(nn.Module):
         x = self.trunk.forward_features(images)  # (B, 3, H, W) -> (B, 1 + N, width), no final norm
         x = self.ln_post(self.attn_pool(x))  # (B, Q, E)
         return self.proj(x[:, 0]), x[:, 1:]  # (B, E), (B, Q - 1, E)
+
+
+class PatchifyConv2d(nn.Conv2d):
+    """A convolution whose kernel equals its stride (no padding, dilation or groups), computed as a matrix multiply
+    over the image's patches: ``(B, C, H, W)`` → ``(B * N, C * p * q)`` patches → ``F.linear`` with the kernel as a
+    ``(D, C * p * q)`` matrix → ``(B, D, H / p, W / q)``, returned in channels-last memory order (a view: a ViT's
+    ``flatten(2).transpose(1, 2)`` then costs no copy). The same parameters (names, shapes) as ``nn.Conv2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        p, q = self.kernel_size
+        if height % p or width % q:  # a size the convolution would crop: leave it to the convolution
+            return super().forward(x)
+        rows, cols = height // p, width // q
+        patches = x.reshape(batch, channels, rows, p, cols, q).permute(0, 2, 4, 1, 3, 5)  # (B, H/p, W/q, C, p, q)
+        out = F.linear(patches.reshape(batch * rows * cols, -1), self.weight.reshape(self.out_channels, -1), self.bias)
+        return out.view(batch, rows, cols, self.out_channels).permute(0, 3, 1, 2)  # (B, D, H/p, W/q)
+
+
+def patchify_first_convolution(trunk: nn.Module) -> None:
+    """Make ``trunk``'s first convolution a ``PatchifyConv2d`` when its windows do not overlap (a ViT's patch
+    embedding, a ConvNeXt's stem); other trunks (a ResNet's 7x7 stem) are left as they are."""
+    for parent in trunk.modules():
+        for name, conv in parent.named_children():
+            if not isinstance(conv, nn.Conv2d):
+                continue
+            if (
+                type(conv) is nn.Conv2d
+                and conv.kernel_size == conv.stride
+                and conv.padding == (0, 0)
+                and conv.dilation == (1, 1)
+                and conv.groups == 1
+                and conv.padding_mode == "zeros"
+            ):
+                patchify = PatchifyConv2d(
+                    conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=conv.bias is not None
+                )
+                patchify.load_state_dict(conv.state_dict())
+                setattr(parent, name, patchify.to(conv.weight.device, conv.weight.dtype))
+            return  # only the first convolution
+
+
+def choose_attention(trunk: nn.Module) -> None:
+    """timm's attention layers (``fused_attn``) run fused SDPA, or on a CPU for at most
+    ``MATMUL_ATTENTION_MAX_TOKENS`` tokens timm's own matrix-multiply path (see ``models.text.matmul_attention``)."""
+    embed = getattr(trunk, "patch_embed", None)
+    if embed is None or not hasattr(embed, "num_patches"):
+        return
+    tokens = embed.num_patches + getattr(trunk, "num_prefix_tokens", 0)
+    device = next(trunk.parameters()).device
+    matmul = prefers_matmul_attention(device, tokens)
+    for module in trunk.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False if matmul else use_fused_attn()  # timm's own default otherwise

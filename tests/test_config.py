@@ -51,9 +51,29 @@ def _error(tmp_path: Path, *overrides: str, yaml: str | None = None) -> ConfigEr
     return info.value
 
 
+def test_a_whole_mapping_replaces_a_section_and_tilde_removes_a_key():
+    vitb16 = ROOT / "yamls" / "vitb16.yaml"  # a cluster YAML: webdataset path, 400M samples
+    replaced = load_config(vitb16, ["data.train={type: synthetic, num_samples: 10000}"])
+    assert OmegaConf.to_container(replaced.data.train) == {"type": "synthetic", "num_samples": 10000}
+    removed = load_config(vitb16, ["data.train.type=synthetic", "~data.train.path", "data.train.num_samples=64"])
+    assert OmegaConf.to_container(removed.data.train) == {"type": "synthetic", "num_samples": 64}
+    dotted = load_config(vitb16, ["data.train.num_samples=8"])  # a dotted key still changes one value
+    assert dotted.data.train.type == "webdataset" and dotted.data.train.num_samples == 8
+    assert load_config(vitb16, ["++run.seed=3"]).run.seed == 3  # Hydra's force-add prefix
+    assert load_config(vitb16, ["~algorithms.grad_checkpointing"]).algorithms == {}
+    with pytest.raises(ConfigError) as info:
+        load_config(vitb16, ["data.train.type=synthetic"])  # the old way: the YAML's path stays
+    assert info.value.key == "data.train.path"
+    assert "~data.train.path" in str(info.value) and "data.train='{type: synthetic, ...}'" in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("overrides", "key", "hint"),
     [
+        (["~data.train.num_sample"], "data.train.num_sample", "Did you mean 'num_samples'"),
+        (["~data.train.num_samples=8"], "data.train.num_samples", "takes no value"),
+        (["~loggers.console"], "loggers.console", "loggers.console=null"),
+        (["~nothing.here"], "nothing.here", "nothing sets it"),
         (["optimm.lr=1"], "optimm", "Did you mean 'optim'"),
         (["optim.lrr=1"], "optim.lrr", "Did you mean 'lr'"),
         (["run.durration=4ba"], "run.durration", "Did you mean 'duration'"),

@@ -223,12 +223,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, monkeypa
 
     monkeypatch.setattr(ClipLoss, "forward", poisoned)
     trainer = Trainer(tiny(*NO_EVAL, "checkpoint.save_interval=2ba", "checkpoint.keep=-1"))
-    with pytest.raises(TrainingError, match=r"loss is nan at step 5 .*ep0-ba4\.pt"):
+    # found without a per-step sync: at the next check, the save at step 6, naming step 5
+    with pytest.raises(TrainingError, match=r"loss is nan at step 5 and training stopped after step 6 .*ep0-ba4\.pt"):
         trainer.fit()
     folder = trainer.run_dir / "checkpoints"
     assert sorted(p.name for p in folder.glob("ep*-ba*.pt")) == ["ep0-ba2.pt", "ep0-ba4.pt"]
     good = load_checkpoint(folder / "ep0-ba4.pt")
     assert all(torch.isfinite(v).all() for v in good["state_dict"].values())
+    # no update after the bad loss reached the weights or the optimizer: steps 5 and 6 were skipped on the device
+    for name, value in trainer.state.model.state_dict().items():
+        torch.testing.assert_close(value, good["state_dict"][name], rtol=0, atol=0, msg=name)
+    assert all(s["step"].item() == 4 for s in trainer.state.optimizer.state.values())
 
 
 def test_metrics_jsonl_uses_openclip_names(tiny):

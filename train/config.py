@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cadenza import algorithms, datasets, models  # noqa: F401 - their modules fill the tables below
 from cadenza.datasets.transforms import check_augment
-from cadenza.engine import callbacks, logger_destinations, remote_sync  # noqa: F401 - so do these
+from cadenza.engine import callbacks, logger_destinations, profiling, remote_sync  # noqa: F401 - so do these
 from cadenza.engine.errors import ConfigError, suggest
 from cadenza.engine.object_store import check_storage, is_remote
 from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, LOSSES, MODELS
@@ -182,17 +182,52 @@ def load_config(
                 "a mapping of sections (run:, model:, data:, ...). See yamls/tiny.yaml.",
             )
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(item, "command-line overrides are written key=value, e.g. optim.lr=1e-4.")
-        key, value = item.removeprefix("+").split("=", 1)  # Hydra's "+key=value" means the same here
-        try:
-            user = OmegaConf.merge(user, OmegaConf.from_dotlist([f"{key}={value}"]))
-        except Exception as error:  # noqa: BLE001 - a value YAML cannot read, or one that does not fit the key
-            problem = " ".join(str(error).split())
-            raise ConfigError(
-                key, f"cannot use the override {item!r} ({problem}). Quote lists and mappings whole: '{key}=[1, 2]'."
-            ) from None
+        user = apply_override(user, item)
     return build_config(user)
+
+
+def apply_override(user: DictConfig, item: str) -> DictConfig:
+    """One command-line override, as Hydra writes them: ``key=value`` sets a value (``+key=value`` and
+    ``++key=value`` mean the same here); a mapping written whole (``data.train='{type: synthetic, num_samples: 8}'``)
+    replaces what the key held instead of merging into it; ``~key`` removes the key, as if the YAML never set it."""
+    if item.startswith("~"):
+        if "=" in item:
+            key = item[1:].split("=", 1)[0]
+            raise ConfigError(key, f"'~' removes a key and takes no value: write ~{key} (not {item!r}).")
+        _remove_key(user, item[1:], item)
+        return user
+    if "=" not in item:
+        raise ConfigError(
+            item, "command-line overrides are written key=value (or ~key to remove one), e.g. optim.lr=1e-4."
+        )
+    key, value = item.lstrip("+").split("=", 1)  # Hydra's "+key=value" / "++key=value" mean the same here
+    try:
+        parsed = OmegaConf.from_dotlist([f"{key}={value}"])
+        if isinstance(OmegaConf.select(parsed, key), DictConfig):  # a whole mapping: it replaces, never merges
+            OmegaConf.update(user, key, OmegaConf.select(parsed, key), merge=False)
+            return user
+        return OmegaConf.merge(user, parsed)
+    except Exception as error:  # noqa: BLE001 - a value YAML cannot read, or one that does not fit the key
+        problem = " ".join(str(error).split())
+        raise ConfigError(
+            key, f"cannot use the override {item!r} ({problem}). Quote lists and mappings whole: '{key}=[1, 2]'."
+        ) from None
+
+
+def _remove_key(user: DictConfig, key: str, item: str) -> None:
+    """Hydra's ``~key``: the key leaves the user's config (the YAML plus earlier overrides); schema defaults stay."""
+    *parents, last = key.split(".")
+    node: Any = user
+    for part in parents:
+        node = node._get_node(part) if isinstance(node, DictConfig) and part in node else None
+    if not isinstance(node, DictConfig) or last not in node:
+        siblings = list(node.keys()) if isinstance(node, DictConfig) else []
+        raise ConfigError(
+            key,
+            f"{item!r} removes a key the YAML or an earlier override sets, and nothing sets it.{suggest(last, siblings)} "
+            "(A default entry such as loggers.console is switched off with loggers.console=null.)",
+        )
+    del node[last]
 
 
 def build_config(user: DictConfig | dict[str, Any]) -> DictConfig:
@@ -345,7 +380,16 @@ def _check_values(cfg: DictConfig) -> None:
         if "type" not in dataset:
             raise ConfigError(f"data.{split}.type", f"missing. Choose one of {', '.join(DATASETS.names())}.")
         args = {k: v for k, v in dataset.items() if k != "type"}
-        DATASETS.check_args(dataset.type, args, f"data.{split}", runtime=DATASET_RUNTIME_ARGS)
+        try:
+            DATASETS.check_args(dataset.type, args, f"data.{split}", runtime=DATASET_RUNTIME_ARGS)
+        except ConfigError as error:
+            if error.key.removeprefix(f"data.{split}.") not in args:
+                raise
+            raise ConfigError(  # e.g. data.train.type=synthetic over a YAML's webdataset path
+                error.key,
+                f"{str(error).split(': ', 1)[1]} To change a dataset's type from the command line, replace the "
+                f"section whole (data.{split}='{{type: {dataset.type}, ...}}') or remove the key (~{error.key}).",
+            ) from None
     try:
         check_augment(**OmegaConf.to_container(cfg.data.augment))
     except (TypeError, ValueError) as error:
@@ -474,5 +518,6 @@ def loss_arguments(loss: DictConfig) -> dict[str, Any]:
 
 #: arguments a dataset builder gets from the trainer, never from YAML
 DATASET_RUNTIME_ARGS = ("context",)  # a LoaderContext: batch size, processes, seed, the model's input sizes, ...
-#: arguments a logger or callback gets from the trainer
-LOGGER_RUNTIME_ARGS = CALLBACK_RUNTIME_ARGS = ("run_dir",)
+#: arguments a logger or callback gets from the trainer (the run folder; steps per logging window)
+LOGGER_RUNTIME_ARGS = ("run_dir",)
+CALLBACK_RUNTIME_ARGS = ("run_dir", "log_every")

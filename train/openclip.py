@@ -31,14 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from cadenza.engine import dist
 from cadenza.engine.errors import CadenzaError, ConfigError
 from cadenza.models.factory import get_model_config, list_models
 from cadenza.models.openclip_folder import is_folder_name, resolve_folder_name
-from cadenza.train.config import build_config
+from cadenza.train.config import apply_override, build_config
 from cadenza.train.trainer import train
 
 log = logging.getLogger("cadenza")
@@ -668,15 +667,9 @@ def build(argv: list[str], overrides: list[str] = ()) -> tuple[argparse.Namespac
     """
     args = parse_flags(argv)
     user = translate(args)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(item, "Cadenza overrides after '--' are written key=value, e.g. run.duration=100ba.")
-    try:
-        merged = OmegaConf.merge(
-            OmegaConf.create(user), OmegaConf.from_dotlist([o.removeprefix("+") for o in overrides])
-        )
-    except OmegaConfBaseException as error:
-        raise ConfigError("overrides", str(error)) from error
+    merged = OmegaConf.create(user)
+    for item in overrides:  # composer's override syntax: key=value, a whole mapping replaces, ~key removes
+        merged = apply_override(merged, item)
     try:
         cfg = build_config(merged.copy())
     except ConfigError as error:

@@ -26,6 +26,7 @@ from cadenza.engine.checkpoint import CheckpointSaver, find_latest, load_checkpo
 from cadenza.engine.engine import Engine, check_algorithms
 from cadenza.engine.errors import CheckpointError, ConfigError, TrainingError
 from cadenza.engine.event import Event
+from cadenza.engine.finite import NonFiniteError, NonFiniteGuard
 from cadenza.engine.fsdp import gathered_for_evaluation, load_sharded, shard_model
 from cadenza.engine.loader import Loader
 from cadenza.engine.logger import Logger
@@ -164,6 +165,8 @@ class Trainer:
                 cfg.optim, state.optimizer, self.warmup_batches, state.max_batches, self.cooldown_batches
             )
             state.scaler = torch.amp.GradScaler(device.type) if cfg.run.precision == "amp" else None
+            # fp16 / bf16 weights: gradients can overflow with a finite loss (amp's scaler checks its own)
+            state.guard = NonFiniteGuard(device, check_gradients=cfg.run.precision in ("fp16", "bf16"))
         self._log_setup(state)
         self._resume()
         self._write_config(info)  # only once everything is built: a config that fails leaves the folder's as it was
@@ -263,10 +266,10 @@ class Trainer:
         cfg = self.cfg
         callbacks: list = []
         if state.train_loader is not None:
-            interval = Time.parse(cfg.run.log_interval, "run.log_interval").to_batches(
+            self.log_every = Time.parse(cfg.run.log_interval, "run.log_interval").to_batches(
                 state.batches_per_epoch, state.samples_per_batch, state.max_batches
             )
-            callbacks.append(TrainMetrics(interval, cfg.run.peak_tflops))
+            callbacks.append(TrainMetrics(self.log_every, cfg.run.peak_tflops))
             callbacks.append(
                 CheckpointSaver(
                     self.checkpoint_folder,
@@ -304,7 +307,8 @@ class Trainer:
 
     def _build_callback(self, name: str, args: DictConfig):
         accepted = inspect.signature(CALLBACKS.get(name, f"callbacks.{name}")).parameters
-        runtime = {"run_dir": self.run_dir} if "run_dir" in accepted else {}
+        given = {"run_dir": self.run_dir, "log_every": self.log_every}
+        runtime = {key: value for key, value in given.items() if key in accepted}
         return CALLBACKS.build(name, OmegaConf.to_container(args), f"callbacks.{name}", **runtime)
 
     def _log_setup(self, state: State) -> None:
@@ -462,6 +466,8 @@ class Trainer:
             if self.evaluates and not self._evaluated_at_last_step:
                 self.evaluate()
             self.engine.run_event(Event.FIT_END)
+        except NonFiniteError as error:  # found at a logging window or before a save: say where training stands
+            raise TrainingError(self._non_finite_message(error)) from None
         finally:
             try:
                 self.engine.close()
@@ -470,6 +476,7 @@ class Trainer:
         return state
 
     _evaluated_at_last_step = False
+    log_every = 1  # steps per logging window (set from run.log_interval when training)
 
     def _train_epoch(self) -> None:
         state, ts = self.state, self.state.timestamp
@@ -510,6 +517,8 @@ class Trainer:
             self._forward_backward(micro_batch, cache, index)
         self._optimizer_step()
         state.timestamp.after_batch(state.samples_per_batch)
+        if state.timestamp.batch % self.log_every == 0 or state.is_done:
+            state.guard.check()  # the one sync of a logging window (the metrics synchronize here too)
         self.engine.run_event(Event.BATCH_END)
         self.engine.run_event(Event.BATCH_CHECKPOINT)
 
@@ -550,21 +559,21 @@ class Trainer:
             state.loss_dict = state.loss_fn(**state.outputs)
         state.loss = sum(state.loss_dict.values())
         self.engine.run_event(Event.AFTER_LOSS)
-        self._check_finite(state.loss)
+        state.guard.watch_loss(state.loss, state.timestamp.batch + 1)  # on the device: no sync
         self.engine.run_event(Event.BEFORE_BACKWARD)
         loss = state.scaler.scale(state.loss) if state.scaler is not None else state.loss
         loss.backward()
         self.engine.run_event(Event.AFTER_BACKWARD)
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        if torch.isfinite(loss).item():
-            return
+    def _non_finite_message(self, error: NonFiniteError) -> str:
         ts = self.state.timestamp
         latest = find_latest(self.checkpoint_folder)
         where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
-        raise TrainingError(
-            f"the loss is {loss.item()} at step {ts.batch + 1} (epoch {ts.epoch}); training stopped before the "
-            f"optimizer step and {where}. Lower optim.lr, set optim.grad_clip_norm, or use run.precision=amp_bf16."
+        skipped = "" if error.what == "weights" else ": that step's update and every later one were skipped"
+        return (
+            f"{error} and training stopped after step {ts.batch} (epoch {ts.epoch}), at the first check{skipped}; "
+            f"nothing was saved after it, and {where}. Lower optim.lr, set optim.grad_clip_norm, or use "
+            "run.precision=amp_bf16."
         )
 
     def _optimizer_step(self) -> None:
@@ -572,11 +581,8 @@ class Trainer:
         if state.scaler is not None:
             state.scaler.unscale_(state.optimizer)  # algorithms see true gradients (clipping)
         self.engine.run_event(Event.BEFORE_OPTIMIZER_STEP)
-        if state.scaler is not None:
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
-        else:
-            state.optimizer.step()
+        # skipped on the device once a loss (or, with fp16 / bf16 weights, a gradient) was not finite
+        state.guard.step(state.optimizer, state.timestamp.batch + 1, state.loss, state.scaler)
         state.optimizer.zero_grad(set_to_none=True)
         state.scheduler.step()
         state.model.clamp_logit_scale()
@@ -590,6 +596,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Run the model over ``data.val`` once (if set), firing the eval events; evaluators compute metrics."""
         state = self.state
+        if state.guard is not None:  # training stops at a non-finite loss, before evaluating what follows it
+            state.guard.check(weights=state.model.parameters())
         state.wrapped_model.eval()
         state.eval_metrics = {}
         with gathered_for_evaluation(state.model):  # FSDP: ranks may run different numbers of batches
