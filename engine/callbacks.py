@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from cadenza.engine import dist
 from cadenza.engine.algorithm import Callback
 from cadenza.engine.mfu import FlopsByTextLength, peak_flops
+from cadenza.engine.optim import group_lr
 from cadenza.engine.registry import CALLBACKS  # noqa: F401 - the registry user callbacks join
 
 if TYPE_CHECKING:
@@ -125,7 +126,7 @@ class TrainMetrics(Callback):
         metrics = {f"train/{name}": value for name, value in losses.items()}
         metrics.update(
             {
-                "train/lr": state.optimizer.param_groups[0]["lr"],
+                "train/lr": group_lr(state.optimizer.param_groups[0]),
                 "train/logit_scale": model.logit_scale.exp().item(),
                 "train/samples_per_second": self._samples / elapsed,
                 "train/samples_per_second_per_gpu": self._samples / elapsed / state.dist.world_size,

@@ -187,7 +187,11 @@ def _strip_prefixes(key: str) -> str:
 def _load_into(model: nn.Module, state_dict: StateDict, source: str) -> None:
     own = model.state_dict()
     if "logit_bias" in state_dict and "logit_bias" not in own:
-        log.info("ignoring logit_bias of %s: this model has none (loss.name=clip)", source)
+        log.info(
+            "ignoring logit_bias of %s: this model has none (model.logit_bias=drop, the default with a softmax loss; "
+            "model.logit_bias=freeze keeps it)",
+            source,
+        )
         state_dict.pop("logit_bias")
     mismatched = [
         f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
@@ -201,6 +205,8 @@ def _load_into(model: nn.Module, state_dict: StateDict, source: str) -> None:
             f"(checkpoint vs model, e.g. {mismatched[:3]}). Pick the model.name it was trained as.",
         )
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if "logit_bias" in missing:
+        log.info("%s has no logit_bias: the model's starts at %g", source, float(model.logit_bias))
     missing = [k for k in missing if k != "logit_bias"]  # a SigLIP model keeps its own initial bias
     if missing or unexpected:
         raise ConfigError(

@@ -15,13 +15,29 @@ embedding and the others are the image tokens the multimodal decoder reads.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import timm
 import torch
+from timm.models import group_parameters
 from torch import nn
 
 PROJECTIONS = ("linear", "none")
+
+
+def trunk_then_head(tower: nn.Module, coarse: bool = False) -> Callable[[str], tuple[float, ...]]:
+    """A timm ``group_matcher`` (the callable form) for a tower of ``trunk`` + head: the trunk's own groups in order
+    (timm's: stem, each block or stage, the final norm with the last block), then everything else (projection,
+    pooler) as the last group. The grouping of ``lock_image`` and of layer-wise learning-rate decay."""
+    layers = group_parameters(tower.trunk, tower.trunk.group_matcher(coarse=coarse), reverse=True)  # name -> index
+
+    def ordinal(name: str) -> tuple[float, ...]:
+        inner = name.removeprefix("trunk.")
+        return (float(layers[inner]),) if name.startswith("trunk.") and inner in layers else (math.inf,)
+
+    return ordinal
 
 
 class TimmImageTower(nn.Module):
@@ -73,6 +89,10 @@ class TimmImageTower(nn.Module):
     def no_weight_decay(self) -> set[str]:
         names = getattr(self.trunk, "no_weight_decay", lambda: set())()
         return {f"trunk.{name}" for name in names}
+
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[float, ...]]:
+        """timm's grouping of the trunk, then the projection (see :func:`trunk_then_head`)."""
+        return trunk_then_head(self, coarse)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.proj(self.trunk(images))  # (B, 3, H, W) -> (B, width) -> (B, E)
@@ -144,6 +164,10 @@ class AttentionalPoolImageTower(nn.Module):
     def no_weight_decay(self) -> set[str]:
         names = getattr(self.trunk, "no_weight_decay", lambda: set())()
         return {f"trunk.{name}" for name in names}
+
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[float, ...]]:
+        """timm's grouping of the trunk, then the pooler, its norm and the projection (see :func:`trunk_then_head`)."""
+        return trunk_then_head(self, coarse)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.trunk.forward_features(images)  # (B, 3, H, W) -> (B, 1 + N, width), no final norm

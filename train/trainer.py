@@ -30,13 +30,14 @@ from cadenza.engine.fsdp import gathered_for_evaluation, load_sharded, shard_mod
 from cadenza.engine.loader import Loader
 from cadenza.engine.logger import Logger
 from cadenza.engine.object_store import ObjectStoreError, get_object_store, is_remote
-from cadenza.engine.optim import build_optimizer, build_scheduler
+from cadenza.engine.optim import build_optimizer, build_scheduler, describe_param_groups, resolve_param_groups
 from cadenza.engine.precision import autocast_context, weights_dtype
 from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, LOSSES, MODELS
 from cadenza.engine.state import State
 from cadenza.engine.text_log import setup_logging
 from cadenza.engine.time import Time
-from cadenza.models.losses import LOSS_MODEL_INIT
+from cadenza.models.clip import layer_decay_scales
+from cadenza.models.losses import apply_logit_bias_choice, model_init_overrides
 from cadenza.models.tokenizer import get_tokenizer
 from cadenza.train.config import listed, loss_arguments, to_yaml
 from cadenza.train.run_folder import RunFolderLock, claim_checkpoints
@@ -118,8 +119,12 @@ class Trainer:
 
         # The model, seeded identically on every rank, before anything that holds its parameters.
         seed_everything(cfg.run.seed)
-        overrides = {**LOSS_MODEL_INIT.get(cfg.loss.name, {}), **OmegaConf.to_container(cfg.model.overrides)}
+        overrides = {
+            **model_init_overrides(cfg.loss.name, cfg.model.logit_bias),
+            **OmegaConf.to_container(cfg.model.overrides),
+        }
         model = MODELS.build(cfg.model.name, {"pretrained": cfg.model.pretrained, "overrides": overrides}, "model")
+        apply_logit_bias_choice(model, cfg.loss.name, cfg.model.logit_bias)  # trained, frozen or dropped
         model = model.to(device=device, dtype=weights_dtype(cfg.run.precision))
         self.trim_text = trims_text_padding(cfg, model)
         seed_everything(cfg.run.seed + info.rank)
@@ -149,11 +154,13 @@ class Trainer:
         self.engine = Engine(state, self.logger)
         self.state = state
 
-        # INIT: algorithms change the model; then wrap it and let the optimizer collect what is trainable.
+        # INIT: algorithms change the model; optim.param_groups' rules freeze what they freeze (before DDP sees which
+        # parameters train); then wrap it and let the optimizer collect what is trainable, by name.
         self.engine.run_event(Event.INIT)
+        groups = self._param_groups(state.model) if train_loader is not None else None
         state.wrapped_model = self._wrap_model(state.model, info, device)
         if train_loader is not None:
-            state.optimizer = build_optimizer(cfg.optim, state.model)
+            state.optimizer = build_optimizer(cfg.optim, state.model, groups)
             state.scheduler = build_scheduler(
                 cfg.optim, state.optimizer, self.warmup_batches, state.max_batches, self.cooldown_batches
             )
@@ -227,6 +234,16 @@ class Trainer:
                 self.warmup_batches,
                 state.max_batches,
             )
+
+    def _param_groups(self, model: nn.Module) -> list:
+        """The optimizer's parameter groups (``optim.param_groups``, ``optim.layer_decay``), logged."""
+        optim = self.cfg.optim
+        scales = layer_decay_scales(model, optim.layer_decay) if optim.layer_decay else None
+        groups = resolve_param_groups(optim, model, scales)
+        log.info("optimizer %s, %d parameter groups:", optim.name, len(groups))
+        for line in describe_param_groups(groups, optim.lr):
+            log.info("  %s", line)
+        return groups
 
     def _wrap_model(self, model: nn.Module, info: dist.DistInfo, device: torch.device) -> nn.Module:
         """DDP, or FSDP2 sharding in place (``dist.fsdp``); one process needs neither."""
