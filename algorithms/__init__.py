@@ -7,6 +7,7 @@ from cadenza.algorithms.grad_checkpointing import GradCheckpointing
 from cadenza.algorithms.gradient_clipping import GradientClipping
 from cadenza.algorithms.lock_image import LockImage
 from cadenza.algorithms.lock_text import LockText
+from cadenza.algorithms.lora import LoRA
 from cadenza.algorithms.patch_dropout import PatchDropout
 from cadenza.algorithms.torch_compile import TorchCompile
 
@@ -17,6 +18,7 @@ __all__ = [
     "GradientClipping",
     "LockImage",
     "LockText",
+    "LoRA",
     "PatchDropout",
     "TorchCompile",
 ]

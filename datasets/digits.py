@@ -15,6 +15,10 @@ This splits them (seeded, stratified) into a training set and a held-out test se
 
 Captions vary so that the contrastive task is not one fixed sentence per class: several phrasings,
 the digit as a word or a numeral ("a handwritten digit seven", "the number 7 written by hand", ...).
+
+``--variant`` writes a shifted copy of the same split, for fine-tuning examples: ``inverted`` (light ink on a
+dark background) or ``rotated`` (each scan turned 90 degrees clockwise). The split is the same for every
+variant, so a model trained on the original training split never saw the variant's test images in any form.
 """
 
 from __future__ import annotations
@@ -66,11 +70,21 @@ def split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarr
     return np.sort(np.array(train)), np.sort(np.array(test))
 
 
-def to_png(pixels: np.ndarray, size: int) -> bytes:
-    """An 8x8 scan with values 0..16 → dark ink on white paper, upscaled (bicubic) to ``size`` px, as PNG."""
+#: the shifted copies ``--variant`` writes (``original``: as scanned)
+VARIANTS = ("original", "inverted", "rotated")
+
+
+def to_png(pixels: np.ndarray, size: int, variant: str = "original") -> bytes:
+    """An 8x8 scan with values 0..16 → dark ink on white paper (``inverted``: light ink on black; ``rotated``: turned
+    90 degrees clockwise), upscaled (bicubic) to ``size`` px, as PNG."""
     from PIL import Image
 
-    gray = (255 - pixels * (255 / 16)).clip(0, 255).astype(np.uint8)  # (8, 8)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    ink = pixels * (255 / 16)
+    gray = (ink if variant == "inverted" else 255 - ink).clip(0, 255).astype(np.uint8)  # (8, 8)
+    if variant == "rotated":
+        gray = np.ascontiguousarray(np.rot90(gray, k=-1))
     image = Image.fromarray(gray, mode="L").resize((size, size), Image.BICUBIC)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -78,7 +92,13 @@ def to_png(pixels: np.ndarray, size: int) -> bytes:
 
 
 def build(
-    out: str | Path, size: int = 32, test_fraction: float = 0.2, captions: int = 2, seed: int = 0, progress: bool = True
+    out: str | Path,
+    size: int = 32,
+    test_fraction: float = 0.2,
+    captions: int = 2,
+    seed: int = 0,
+    progress: bool = True,
+    variant: str = "original",
 ) -> dict:
     """Write ``<out>/mds`` and ``<out>/test``; return the counts."""
     from sklearn.datasets import load_digits
@@ -91,7 +111,7 @@ def build(
     def items():
         for index in train:
             label = int(digits.target[index])
-            png = to_png(digits.images[index], size)
+            png = to_png(digits.images[index], size, variant)
             for template in rng.choice(TEMPLATES, size=captions, replace=False):
                 yield Item(f"digit {index}", png, caption(label, str(template)), label)
 
@@ -100,13 +120,18 @@ def build(
     out.mkdir(parents=True)
     columns = {"jpg": "pil", "txt": "str", "cls": "int"}  # pixels: nothing to decode when training
     report = convert(
-        items(), str(out / "mds"), columns, total=len(train) * captions, progress=progress, source="scikit-learn digits"
+        items(),
+        str(out / "mds"),
+        columns,
+        total=len(train) * captions,
+        progress=progress,
+        source=f"scikit-learn digits ({variant})",
     )
     for index in test:
         label = int(digits.target[index])
         folder = out / "test" / str(label)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{index:04d}.png").write_bytes(to_png(digits.images[index], size))
+        (folder / f"{index:04d}.png").write_bytes(to_png(digits.images[index], size, variant))
     return {"train_images": len(train), "train_samples": report.samples, "test_images": len(test)}
 
 
@@ -117,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share of each class held out")
     parser.add_argument("--captions", type=int, default=2, help="captions (samples) per training image")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", choices=VARIANTS, default="original", help="a shifted copy (same split)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    counts = build(args.out, args.size, args.test_fraction, args.captions, args.seed)
+    counts = build(args.out, args.size, args.test_fraction, args.captions, args.seed, variant=args.variant)
     log.info(
         "digits: %d training images (%d image-caption samples) in %s/mds, %d held-out images in %s/test",
         counts["train_images"],

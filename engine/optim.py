@@ -228,8 +228,11 @@ def resolve_param_groups(
 
 def describe_param_groups(groups: Sequence[ParamGroup], lr: float) -> list[str]:
     """One line per group: its label, size, learning rate and weight decay (logged at the start of a run)."""
+
     def natural(group: ParamGroup) -> list:
-        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", group.label)] + [group.weight_decay]
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", group.label)] + [
+            group.weight_decay
+        ]
 
     lines = []
     for group in sorted(groups, key=natural):
