@@ -272,6 +272,11 @@ def optimizer_spec(name: str, key: str = "optim.name") -> OptimizerSpec:
     if name not in names:
         raise ConfigError(key, f"unknown optimizer '{name}'.{suggest(name, names)} (timm.optim.list_optimizers())")
     info = get_optimizer_info(name)
+    if info.second_order:
+        raise ConfigError(
+            key,
+            f"'{name}' is a second-order optimizer: it needs backward(create_graph=True), which training does not do.",
+        )
     try:
         cls = get_optimizer_class(info, bind_defaults=False)
     except (ImportError, AssertionError, RuntimeError) as error:

@@ -206,7 +206,7 @@ def _load_into(model: nn.Module, state_dict: StateDict, source: str) -> None:
         )
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if "logit_bias" in missing:
-        log.info("%s has no logit_bias: the model's starts at %g", source, float(model.logit_bias))
+        log.info("%s has no logit_bias: the model's starts at %g", source, model.logit_bias.item())
     missing = [k for k in missing if k != "logit_bias"]  # a SigLIP model keeps its own initial bias
     if missing or unexpected:
         raise ConfigError(
