@@ -288,16 +288,16 @@ def check_optimizer(cfg: DictConfig, defaults: Mapping[str, Any]) -> None:
     """``optim.name``, ``optim.args``, ``betas``, ``eps`` and ``fused`` fit the chosen optimizer; the rules parse.
 
     ``defaults`` holds the schema's ``betas`` and ``eps``: an optimizer without them takes no other value (a
-    setting that would be ignored is an error).
+    setting that would be ignored is an error). ``null`` leaves either to the optimizer's own default.
     """
     spec = optimizer_spec(cfg.name)
-    betas, eps = list(cfg.betas), cfg.eps
+    betas = None if cfg.betas is None else list(cfg.betas)
     if spec.betas:
-        if len(betas) != spec.betas or not all(0 <= b < 1 for b in betas):
+        if betas is not None and (len(betas) != spec.betas or not all(0 <= b < 1 for b in betas)):
             raise ConfigError("optim.betas", f"{spec.name} takes {spec.betas} numbers in [0, 1), got {betas}.")
-    elif betas != list(defaults["betas"]):
+    elif betas not in (None, list(defaults["betas"])):
         raise ConfigError("optim.betas", f"{spec.name} takes no betas; remove the setting.")
-    if not spec.eps and eps != defaults["eps"]:
+    if not spec.eps and cfg.eps not in (None, defaults["eps"]):
         raise ConfigError("optim.eps", f"{spec.name} takes no eps; remove the setting.")
     if "fused" not in spec.own and cfg.get("fused") is not None:
         raise ConfigError("optim.fused", f"only applies to optim.name=adamw (got {spec.name}); remove it.")
@@ -342,7 +342,11 @@ def build_optimizer(
     ]
     args = OmegaConf.to_container(cfg.args) if cfg.get("args") else {}
     spec = optimizer_spec(cfg.get("name") or "adamw")
-    betas = tuple(cfg.betas)
+    shared: dict[str, Any] = {}  # null: the optimizer's own default
+    if spec.betas and cfg.betas is not None:
+        shared["betas"] = tuple(cfg.betas)
+    if spec.eps and cfg.eps is not None:
+        shared["eps"] = cfg.eps
     if spec.name == "adamw":
         trainable = [p for group in torch_groups for p in group["params"]]
         fused = cfg.get("fused")
@@ -353,19 +357,13 @@ def build_optimizer(
         return torch.optim.AdamW(
             torch_groups,
             lr=cfg.lr,
-            betas=betas,
-            eps=cfg.eps,
+            **shared,
             fused=fused or None,
             foreach=None if fused else True,
             **args,
         )
     from timm.optim import create_optimizer_v2
 
-    shared: dict[str, Any] = {}
-    if spec.betas:
-        shared["betas"] = betas
-    if spec.eps:
-        shared["eps"] = cfg.eps
     torch_groups = [group for group in torch_groups if group["params"]]  # some of timm's reject empty groups
     return create_optimizer_v2(torch_groups, opt=spec.name, lr=cfg.lr, weight_decay=cfg.weight_decay, **shared, **args)
 

@@ -83,7 +83,7 @@ def _error(tmp_path: Path, *overrides: str, yaml: str | None = None) -> ConfigEr
         (["checkpoint.resume=lastest"], "checkpoint.resume", "Did you mean 'latest'"),
         (["optim.accum_freq=0"], "optim.accum_freq", "at least 1"),
         (["checkpoint.keep=0"], "checkpoint.keep", "-1"),
-        (["optim.betas=[0.9]"], "optim.betas", "two numbers"),
+        (["optim.betas=[0.9]"], "optim.betas", "takes 2 numbers"),
         (["optim.cooldown=1ep"], "optim.cooldown", "const-cooldown"),
         (["optim.scheduler=const-cooldown"], "optim.cooldown", "needs a cooldown"),
         (["run.name=null", "checkpoint.resume=latest"], "checkpoint.resume", "run.name"),

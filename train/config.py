@@ -96,8 +96,8 @@ class OptimConfig:
     name: str = "adamw"  # adamw (torch's, fused) or a timm optimizer: lamb, lion, adafactor, nadamw, sgd, ...
     args: dict[str, Any] = field(default_factory=dict)  # the optimizer's other arguments, e.g. {momentum: 0.9}
     lr: float = 5.0e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1.0e-6
+    betas: list[float] | None = field(default_factory=lambda: [0.9, 0.98])  # null: the optimizer's own default
+    eps: float | None = 1.0e-6  # null: the optimizer's own default
     weight_decay: float = 0.2
     warmup: str = "10000ba"  # linear warmup from 0; counts in the run's optimizer steps
     scheduler: str = "cosine"  # cosine | const | const-cooldown
