@@ -242,3 +242,19 @@ def test_digit_variants_invert_and_rotate_the_scan():
     assert pixels["original"][1, 3] == 0 and pixels["original"][6, 3] == 255  # dark ink on white
     np.testing.assert_array_equal(pixels["inverted"], 255 - pixels["original"])
     np.testing.assert_array_equal(pixels["rotated"], np.rot90(pixels["original"], k=-1))
+
+
+def test_the_digits_command_writes_a_variant_of_the_same_split(tmp_path):
+    """``python -m cadenza.datasets.digits --out data/digits-inverted --variant inverted`` (the README's command)."""
+    from io import BytesIO
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from cadenza.datasets import digits
+
+    assert digits.main(["--out", str(tmp_path / "inv"), "--variant", "inverted", "--captions", "1"]) == 0
+    assert (tmp_path / "inv" / "mds" / "index.json").is_file()
+    first = sorted((tmp_path / "inv" / "test" / "0").iterdir())[0]
+    scan = load_digits().images[int(first.stem)]
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(BytesIO(to_png(scan, 32, "inverted")))))
