@@ -187,12 +187,13 @@ def _strip_prefixes(key: str) -> str:
 def _load_into(model: nn.Module, state_dict: StateDict, source: str) -> None:
     own = model.state_dict()
     if "logit_bias" in state_dict and "logit_bias" not in own:
-        log.info(
-            "ignoring logit_bias of %s: this model has none (model.logit_bias=drop, the default with a softmax loss; "
-            "model.logit_bias=freeze keeps it)",
-            source,
-        )
+        log.info("ignoring logit_bias of %s: this model has none (loss.name=clip)", source)
         state_dict.pop("logit_bias")
+    if "logit_bias" in own and "logit_bias" not in state_dict and "logit_scale" in state_dict:
+        # OpenCLIP's rule (open_clip#712): a CLIP checkpoint fine-tuned with a SigLIP loss starts from bias 0, not
+        # from the -10 of a SigLIP trained from scratch
+        log.info("%s has no logit_bias (CLIP weights): it starts at 0, as in OpenCLIP", source)
+        state_dict["logit_bias"] = torch.zeros_like(own["logit_bias"])
     mismatched = [
         f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
         for k, v in state_dict.items()
@@ -205,9 +206,6 @@ def _load_into(model: nn.Module, state_dict: StateDict, source: str) -> None:
             f"(checkpoint vs model, e.g. {mismatched[:3]}). Pick the model.name it was trained as.",
         )
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if "logit_bias" in missing:
-        log.info("%s has no logit_bias: the model's starts at %g", source, model.logit_bias.item())
-    missing = [k for k in missing if k != "logit_bias"]  # a SigLIP model keeps its own initial bias
     if missing or unexpected:
         raise ConfigError(
             KEY,

@@ -20,8 +20,8 @@ from cadenza.models import create_model
 from cadenza.models.convert import cadenza_to_openclip
 from cadenza.models.lora import load_lora_adapter
 from cadenza.train.cli import main as composer
-from cadenza.train.evaluate import parse_alphas
 from cadenza.train.trainer import Trainer
+from cadenza.train.wise_ft_sweep import parse_alphas
 
 from .conftest import TINY
 from .test_export import assert_same_embeddings
