@@ -8,6 +8,7 @@ from cadenza.algorithms.grad_checkpointing import GradCheckpointing
 from cadenza.algorithms.gradient_clipping import GradientClipping
 from cadenza.algorithms.lock_image import LockImage
 from cadenza.algorithms.lock_text import LockText
+from cadenza.algorithms.lora import LoRA
 from cadenza.algorithms.patch_dropout import PatchDropout
 from cadenza.algorithms.progressive_resizing import ProgressiveResizing
 from cadenza.algorithms.text_token_reduction import TextTokenReduction
@@ -21,6 +22,7 @@ __all__ = [
     "GradientClipping",
     "LockImage",
     "LockText",
+    "LoRA",
     "PatchDropout",
     "ProgressiveResizing",
     "TextTokenReduction",

@@ -1,8 +1,9 @@
 """Peak memory and speed of one training configuration with and without the memory/speed algorithms:
-grad checkpointing, patch dropout, torch.compile.
+grad checkpointing, patch dropout, torch.compile; and the fine-tuning ones: LoRA, locked-image tuning (LiT).
 
     python benchmarks/memory.py                 # CPU: ViT-B-32, fp32, batch 16 (peak RSS)
     python benchmarks/memory.py --gpu           # GPU: ViT-B-16, amp_bf16, batch 256 (peak allocated)
+    python benchmarks/memory.py --only baseline,lora,lock_image --name memory_cpu_finetune   # a subset, own file
 
 Each variant runs in its own process (clean peak). Results: benchmarks/results/memory_{cpu,gpu}.{md,json}.
 """
@@ -28,6 +29,8 @@ VARIANTS = {
     "grad_checkpointing": ["algorithms.grad_checkpointing={}"],
     "patch_dropout 0.5": ["algorithms.patch_dropout={prob: 0.5}"],
     "torch_compile": ["algorithms.torch_compile={}"],
+    "lora": ["algorithms.lora={}"],  # rank 8 on both towers' attention and MLP layers
+    "lock_image": ["algorithms.lock_image={}"],  # LiT: the whole image tower frozen
 }
 SETTINGS = {
     # compile's first steps take minutes on CPU: 4 warm-up steps are left out of the median
@@ -51,12 +54,14 @@ def worker(overrides: list[str]) -> None:
     rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [r["train/samples_per_second"] for r in rows if "train/samples_per_second" in r]
     mfu = [r["train/mfu"] for r in rows if "train/mfu" in r]
+    trainable = sum(p.numel() for p in trainer.state.model.parameters() if p.requires_grad)
     peak = (
         torch.cuda.max_memory_allocated()
         if torch.cuda.is_available()
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
-    print("RESULT " + json.dumps({"peak_bytes": peak, "rates": rates, "mfu": mfu}), flush=True)  # noqa: T201
+    result = {"peak_bytes": peak, "rates": rates, "mfu": mfu, "trainable": trainable}
+    print("RESULT " + json.dumps(result), flush=True)  # noqa: T201
 
 
 def run_variant(settings: dict, extra: list[str]) -> dict:
@@ -78,6 +83,7 @@ def run_variant(settings: dict, extra: list[str]) -> dict:
             "peak_gib": data["peak_bytes"] / 2**30,
             "samples_per_second": statistics.median(data["rates"][warm:]),
             "mfu": statistics.median(data["mfu"][warm:]),
+            "trainable_m": data["trainable"] / 1e6,
         }
 
 
@@ -91,14 +97,17 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all variants")
+    parser.add_argument("--only", help="comma-separated variants to run (default: all)")
+    parser.add_argument("--name", help="results file name (default: memory_cpu or memory_gpu)")
     args = parser.parse_args()
     kind = "gpu" if args.gpu else "cpu"
     settings = SETTINGS[kind]
+    variants = {name: VARIANTS[name] for name in args.only.split(",")} if args.only else VARIANTS
     # Rounds interleave the variants (A B C D A B C D ...), so a slow spell of the machine hits all of them;
     # speed is the median over rounds, memory the highest peak.
-    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
     for round_index in range(args.rounds):
-        for name, extra in VARIANTS.items():
+        for name, extra in variants.items():
             result = run_variant(settings, extra)
             runs[name].append(result)
             print(  # noqa: T201
@@ -112,6 +121,7 @@ def main() -> None:
             "peak_gib": max(r["peak_gib"] for r in results),
             "samples_per_second": statistics.median(r["samples_per_second"] for r in results),
             "mfu": statistics.median(r["mfu"] for r in results),
+            "trainable_m": results[0]["trainable_m"],
             "rounds": len(results),
         }
         base = base or result
@@ -128,8 +138,9 @@ def main() -> None:
         f"{settings['model']}, {settings['precision']}, batch {settings['batch']}, synthetic data; {what}; "
         f"samples/s = median after {settings['warmup']} warm-up steps, then over {args.rounds} interleaved rounds"
     )
-    columns = ["variant", "peak_gib", "memory_vs_baseline", "samples_per_second", "speed_vs_baseline", "mfu"]
-    path = write_results(f"memory_{kind}", rows, columns, notes=notes, out_dir=args.out)
+    columns = ["variant", "trainable_m", "peak_gib", "memory_vs_baseline", "samples_per_second", "speed_vs_baseline"]
+    columns.append("mfu")
+    path = write_results(args.name or f"memory_{kind}", rows, columns, notes=notes, out_dir=args.out)
     print(path.read_text())  # noqa: T201
 
 

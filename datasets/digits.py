@@ -25,6 +25,10 @@ This splits them (seeded, stratified) into a training set and a held-out test se
 
 Captions vary so that the contrastive task is not one fixed sentence per class: several phrasings,
 the digit as a word or a numeral ("a handwritten digit seven", "the number 7 written by hand", ...).
+
+``--variant`` writes a shifted copy of the same split, for fine-tuning examples: ``inverted`` (light ink on a
+dark background) or ``rotated`` (each scan turned 90 degrees clockwise). The split is the same for every
+variant, so a model trained on the original training split never saw the variant's test images in any form.
 """
 
 from __future__ import annotations
@@ -77,11 +81,21 @@ def split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarr
     return np.sort(np.array(train)), np.sort(np.array(test))
 
 
-def to_png(pixels: np.ndarray, size: int) -> bytes:
-    """An 8x8 scan with values 0..16 → dark ink on white paper, upscaled (bicubic) to ``size`` px, as PNG."""
+#: the shifted copies ``--variant`` writes (``original``: as scanned)
+VARIANTS = ("original", "inverted", "rotated")
+
+
+def to_png(pixels: np.ndarray, size: int, variant: str = "original") -> bytes:
+    """An 8x8 scan with values 0..16 → dark ink on white paper (``inverted``: light ink on black; ``rotated``: turned
+    90 degrees clockwise), upscaled (bicubic) to ``size`` px, as PNG."""
     from PIL import Image
 
-    gray = (255 - pixels * (255 / 16)).clip(0, 255).astype(np.uint8)  # (8, 8)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    ink = pixels * (255 / 16)
+    gray = (ink if variant == "inverted" else 255 - ink).clip(0, 255).astype(np.uint8)  # (8, 8)
+    if variant == "rotated":
+        gray = np.ascontiguousarray(np.rot90(gray, k=-1))
     image = Image.fromarray(gray, mode="L").resize((size, size), Image.BICUBIC)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -96,6 +110,7 @@ def build(
     seed: int = 0,
     progress: bool = True,
     csv: bool = False,
+    variant: str = "original",
 ) -> dict:
     """Write ``<out>/mds`` and ``<out>/test`` (and ``<out>/csv`` with ``csv``); return the counts."""
     from sklearn.datasets import load_digits
@@ -107,7 +122,7 @@ def build(
     training = []  # (index, png, captions, label): each training image with its captions
     for index in train:
         label = int(digits.target[index])
-        png = to_png(digits.images[index], size)
+        png = to_png(digits.images[index], size, variant)
         texts = [caption(label, str(template)) for template in rng.choice(TEMPLATES, size=captions, replace=False)]
         training.append((int(index), png, texts, label))
     items = [(index, png, text, label) for index, png, texts, label in training for text in texts]  # MDS and CSV
@@ -122,7 +137,7 @@ def build(
         columns,
         total=len(items),
         progress=progress,
-        source="scikit-learn digits",
+        source=f"scikit-learn digits ({variant})",
     )
     write_captions_csv(out, training)
     if csv:
@@ -132,7 +147,7 @@ def build(
         label = int(digits.target[index])
         folder = out / "test" / str(label)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{index:04d}.png").write_bytes(to_png(digits.images[index], size))
+        (folder / f"{index:04d}.png").write_bytes(to_png(digits.images[index], size, variant))
         sentences = [{"raw": caption(label, str(t))} for t in rng.choice(TEMPLATES, size=5, replace=False)]
         images.append(
             {"filepath": f"test/{label}", "filename": f"{index:04d}.png", "split": "test", "sentences": sentences}
@@ -174,9 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--captions", type=int, default=2, help="captions (samples) per training image")
     parser.add_argument("--seed", type=int, default=0, help="draws the split and the captions")
     parser.add_argument("--csv", action="store_true", help="also write the training split as CSV + PNG files")
+    parser.add_argument("--variant", choices=VARIANTS, default="original", help="a shifted copy (same split)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    counts = build(args.out, args.size, args.test_fraction, args.captions, args.seed, csv=args.csv)
+    counts = build(
+        args.out, args.size, args.test_fraction, args.captions, args.seed, csv=args.csv, variant=args.variant
+    )
     log.info(
         "digits: %d training images (%d image-caption samples) in %s/mds, %d held-out images in %s/test",
         counts["train_images"],

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from cadenza.engine import dist
 from cadenza.engine.algorithm import Callback
 from cadenza.engine.mfu import FlopsByTextLength, peak_flops
+from cadenza.engine.optim import group_lr
 from cadenza.engine.registry import CALLBACKS  # noqa: F401 - the registry user callbacks join
 from cadenza.engine.retrieval import retrieval_ranks
 
@@ -101,7 +102,7 @@ class TrainMetrics(Callback):
 
     def batch_start(self, state: State, logger: Logger) -> None:
         # what this step trains with: the scheduler and the clamp change both after its optimizer step
-        self._lr = state.optimizer.param_groups[0]["lr"]
+        self._lr = group_lr(state.optimizer.param_groups[0])
         self._scale = state.model.logit_scale.detach().exp()  # a device tensor: read at the log, no sync here
 
     def before_dataloader(self, state: State, logger: Logger) -> None:

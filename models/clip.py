@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+from timm.models import group_parameters
 from torch import nn
 
+from cadenza.engine.errors import ConfigError
 from cadenza.models.text import TextTransformer, trim_padding
 from cadenza.models.vision import TimmImageTower
 
@@ -15,6 +18,8 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100)
+#: the towers by the names configs use (optim.layer_decay, algorithms.lora.target) -> the model's attribute
+TOWERS = {"image": "visual", "text": "text"}
 
 
 class CLIP(nn.Module):
@@ -96,8 +101,44 @@ class CLIP(nn.Module):
         self.visual.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)
 
+    @property
+    def towers(self) -> dict[str, nn.Module]:
+        """The image and text towers by their config names (``image``, ``text``); each has ``group_matcher``."""
+        return {name: getattr(self, attribute) for name, attribute in TOWERS.items()}
+
     def no_weight_decay(self) -> set[str]:
         """Names timm and the text tower exempt from weight decay (informational: the optimizer uses OpenCLIP's rule)."""
         names = {"logit_scale"} | ({"logit_bias"} if self.logit_bias is not None else set())
         names |= {f"visual.{n}" for n in self.visual.no_weight_decay()}
         return names | {f"text.{n}" for n in self.text.no_weight_decay()}
+
+
+def layer_decay_scales(model: CLIP, decays: Mapping[str, float]) -> dict[str, tuple[str, float]]:
+    """Layer-wise learning-rate decay (BEiT's, as timm's ``param_groups_layer_decay``) per tower.
+
+    A tower's layers are its ``group_matcher`` groups in order (image: stem, each block, the head; text: the
+    embeddings, each block, the projection); layer ``i`` of ``n`` gets ``decay ** (n - 1 - i)``, so the last layer
+    trains at the full rate and the embeddings slowest. Parameters outside the listed towers (the temperature,
+    CoCa's decoder) are left out (factor 1).
+
+    Returns:
+        parameter name -> (``"<tower> layer i/n"``, factor), for every parameter of the listed towers.
+
+    Example:
+        >>> from cadenza.models import create_model
+        >>> scales = layer_decay_scales(create_model("tiny-vit"), {"image": 0.5})
+        >>> scales["visual.trunk.pos_embed"], scales["visual.proj.weight"]
+        (('image layer 0/3', 0.125), ('image layer 3/3', 1.0))
+    """
+    towers = getattr(model, "towers", None)
+    if towers is None:
+        raise ConfigError("optim.layer_decay", f"{type(model).__name__} names no towers; use optim.param_groups.")
+    scales = {}
+    for tower_name, decay in decays.items():
+        tower = towers[tower_name]
+        prefix = next(n for n, m in model.named_modules() if m is tower)
+        layers = group_parameters(tower, tower.group_matcher(), reverse=True)  # name in the tower -> layer index
+        top = max(layers.values())
+        for name, layer in layers.items():
+            scales[f"{prefix}.{name}"] = (f"{tower_name} layer {layer}/{top}", decay ** (top - layer))
+    return scales

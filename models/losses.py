@@ -26,6 +26,7 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cadenza.engine.errors import ConfigError
 from cadenza.engine.registry import LOSSES
 
 __all__ = [
@@ -38,8 +39,13 @@ __all__ = [
     "CoCaLoss",
     "DistillClipLoss",
     "SigLipLoss",
+    "LOGIT_BIAS_CHOICES",
+    "apply_logit_bias_choice",
     "build_loss",
+    "check_logit_bias",
     "gather_features",
+    "logit_bias_choice",
+    "model_init_overrides",
     "siglip_init",
 ]
 
@@ -510,6 +516,74 @@ LOSS_MODEL_TYPES: dict[str, str] = {"clip": "clip", "siglip": "clip", "coca": "c
 LOSS_MODEL_INIT: dict[str, dict[str, float]] = {
     "siglip": {"init_logit_scale": SIGLIP_LOGIT_SCALE_INIT, "init_logit_bias": SIGLIP_LOGIT_BIAS_INIT},
 }
+
+
+#: ``model.logit_bias``: what the model's logit bias does. SigLIP's sigmoid loss needs one; a softmax loss (CLIP,
+#: CoCa, distillation) is unchanged by adding a constant to every logit, so its bias would get a zero gradient
+#: forever (and DDP would stop on it: OpenCLIP #1076)
+LOGIT_BIAS_CHOICES = ("train", "freeze", "drop")
+#: losses that use a logit bias
+BIASED_LOSSES = ("siglip",)
+
+
+def logit_bias_choice(loss: str, choice: str | None) -> str:
+    """``model.logit_bias`` in effect: unset, ``train`` for the sigmoid loss and ``drop`` for the softmax ones."""
+    if choice is not None:
+        return choice
+    return "train" if loss in BIASED_LOSSES else "drop"
+
+
+def check_logit_bias(loss: str, choice: str | None) -> None:
+    """Raise a ``ConfigError`` for the combinations that cannot work (a config check, before any work)."""
+    if loss in BIASED_LOSSES and choice == "drop":
+        raise ConfigError(
+            "model.logit_bias",
+            f"loss.name={loss} adds the bias to every logit and needs it; use freeze to keep it fixed, or train.",
+        )
+    if loss not in BIASED_LOSSES and choice == "train":
+        raise ConfigError(
+            "model.logit_bias",
+            f"loss.name={loss} is a softmax over the batch, which a constant bias cannot change: the bias would get a "
+            "zero gradient forever (and DDP would stop on it, OpenCLIP #1076). Use freeze (keep a SigLIP model's bias "
+            "unchanged in the weights and in export) or drop (the default: remove it).",
+        )
+
+
+def gradient_shrinks_with_processes(loss: nn.Module) -> bool:
+    """Whether DDP's averaged gradient of ``loss`` is ``1 / world_size`` of the one-process gradient of the same
+    global batch: a CLIP-type loss without ``gather_with_grad`` (OpenCLIP's default, see :class:`ClipLoss`). With
+    ``gather_with_grad``, and for SigLIP's loss, the gradient is the same at any number of processes.
+
+    Example:
+        >>> gradient_shrinks_with_processes(ClipLoss()), gradient_shrinks_with_processes(ClipLoss(True, True))
+        (True, False)
+    """
+    return isinstance(loss, ClipLoss) and not loss.gather_with_grad
+
+
+def model_init_overrides(loss: str, choice: str | None) -> dict[str, float]:
+    """Architecture fields the model needs for ``loss`` and ``model.logit_bias``: SigLIP's initial scale and bias
+    (OpenCLIP's), or a bias parameter to hold a pretrained one (``freeze`` with a softmax loss)."""
+    overrides = dict(LOSS_MODEL_INIT.get(loss, {}))
+    if logit_bias_choice(loss, choice) != "drop":
+        overrides.setdefault("init_logit_bias", SIGLIP_LOGIT_BIAS_INIT)
+    return overrides
+
+
+def apply_logit_bias_choice(model: nn.Module, loss: str, choice: str | None) -> str:
+    """Make ``model``'s bias what ``model.logit_bias`` says: removed (``drop``), fixed (``freeze``) or trained.
+
+    Returns:
+        the choice in effect.
+    """
+    choice = logit_bias_choice(loss, choice)
+    if getattr(model, "logit_bias", None) is None:
+        return choice
+    if choice == "drop":
+        model.logit_bias = None  # an architecture given a bias by model.overrides: no parameter left without gradient
+    elif choice == "freeze":
+        model.logit_bias.requires_grad_(False)
+    return choice
 
 
 def build_loss(name: str, **kwargs: Any) -> nn.Module:

@@ -10,6 +10,7 @@ Parameter names follow OpenCLIP's (``token_embedding``, ``transformer.resblocks.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -200,6 +201,14 @@ class TextTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return set() if self.cls_emb is None else {"cls_emb"}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's ``group_matcher`` format: the embeddings, each block (``ln_final`` joins the last, as a ViT's final
+        norm does), then the projection (unmatched: last). ``coarse`` changes nothing."""
+        return {
+            "stem": r"^token_embedding|^positional_embedding|^cls_emb",
+            "blocks": [(r"^transformer\.resblocks\.(\d+)", None), (r"^ln_final", (99999,))],
+        }
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.cls_emb is not None:

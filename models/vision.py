@@ -20,12 +20,15 @@ backward pass is a GEMM instead of oneDNN's convolution backward (ViT-B-32, batc
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import Format, use_fused_attn
+from timm.models import group_parameters
 from torch import nn
 
 from cadenza.models.text import prefers_matmul_attention
@@ -57,6 +60,19 @@ def init_like_openclip(trunk: nn.Module, proj: nn.Module) -> None:
             nn.init.normal_(getattr(trunk, name), std=width**-0.5)
     if isinstance(proj, nn.Linear):
         nn.init.normal_(proj.weight, std=width**-0.5)
+
+
+def trunk_then_head(tower: nn.Module, coarse: bool = False) -> Callable[[str], tuple[float, ...]]:
+    """A timm ``group_matcher`` (the callable form) for a tower of ``trunk`` + head: the trunk's own groups in order
+    (timm's: stem, each block or stage, the final norm with the last block), then everything else (projection,
+    pooler) as the last group. The grouping of ``lock_image`` and of layer-wise learning-rate decay."""
+    layers = group_parameters(tower.trunk, tower.trunk.group_matcher(coarse=coarse), reverse=True)  # name -> index
+
+    def ordinal(name: str) -> tuple[float, ...]:
+        inner = name.removeprefix("trunk.")
+        return (float(layers[inner]),) if name.startswith("trunk.") and inner in layers else (math.inf,)
+
+    return ordinal
 
 
 class TimmImageTower(nn.Module):
@@ -151,6 +167,10 @@ class TimmImageTower(nn.Module):
         patch_embed.flatten = False  # (B, H, W, C): the trunk flattens after adding the resampled embeddings
         patch_embed.output_fmt = Format.NHWC
 
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[float, ...]]:
+        """timm's grouping of the trunk, then the projection (see :func:`trunk_then_head`)."""
+        return trunk_then_head(self, coarse)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.proj(self.trunk(images))  # (B, 3, H, W) -> (B, width) -> (B, E)
 
@@ -229,6 +249,10 @@ class AttentionalPoolImageTower(nn.Module):
         names = getattr(self.trunk, "no_weight_decay", lambda: set())()
         return {f"trunk.{name}" for name in names}
 
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[float, ...]]:
+        """timm's grouping of the trunk, then the pooler, its norm and the projection (see :func:`trunk_then_head`)."""
+        return trunk_then_head(self, coarse)
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.trunk.forward_features(images)  # (B, 3, H, W) -> (B, 1 + N, width), no final norm
         x = self.ln_post(self.attn_pool(x))  # (B, Q, E)
@@ -254,9 +278,10 @@ class PatchifyConv2d(nn.Conv2d):
 
 def patchify_first_convolution(trunk: nn.Module) -> None:
     """Make ``trunk``'s first convolution a ``PatchifyConv2d`` when its windows do not overlap (a ViT's patch
-    embedding, a ConvNeXt's stem); other trunks (a ResNet's 7x7 stem) are left as they are."""
+    embedding, a ConvNeXt's stem); other trunks (a ResNet's 7x7 stem) are left as they are. The module changes class
+    in place, so no random number is drawn: a seed initialises the model as it did before."""
     for parent in trunk.modules():
-        for name, conv in parent.named_children():
+        for conv in parent.children():
             if not isinstance(conv, nn.Conv2d):
                 continue
             if (
@@ -267,11 +292,7 @@ def patchify_first_convolution(trunk: nn.Module) -> None:
                 and conv.groups == 1
                 and conv.padding_mode == "zeros"
             ):
-                patchify = PatchifyConv2d(
-                    conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=conv.bias is not None
-                )
-                patchify.load_state_dict(conv.state_dict())
-                setattr(parent, name, patchify.to(conv.weight.device, conv.weight.dtype))
+                conv.__class__ = PatchifyConv2d  # the same module and parameters; no new one (whose init would draw)
             return  # only the first convolution
 
 

@@ -13,6 +13,7 @@ ALGORITHM_SETTINGS: dict[str, dict] = {
     "gradient_clipping": {"norm": 0.5},
     "lock_image": {"unlocked_groups": 1, "freeze_bn_stats": True},
     "lock_text": {"unlocked_layers": 2, "freeze_layer_norm": False},
+    "lora": {"rank": 2, "alpha": 4, "dropout": 0.1, "target": ["image", "text"], "modules": ["attn.qkv", "mlp.c_fc"]},
     "patch_dropout": {"prob": 0.5},
     "progressive_resizing": {"initial_scale": 0.5, "delay_fraction": 0.3, "finetune_fraction": 0.3, "mode": "crop"},
     "text_token_reduction": {"length": 4, "mode": "random"},

@@ -5,8 +5,9 @@ with the given overrides and writes what the test compares into OUT (rank 0, unl
 
 MODE ``grads``: one optimizer step; saves the loss, its mean over ranks, the (DDP-averaged or FSDP-gathered)
 gradients (after clipping, if on) and the norm gradient clipping saw.
-MODE ``fit``: trains; saves the final weights and optimizer state (gathered under FSDP), the learning rate and the
-EMA weights if any.
+MODE ``fit``: trains; saves the final weights and optimizer state (gathered under FSDP), the learning rate, the
+EMA weights if any, and the weights it started from.
+MODE ``fit@N``: the same, stopped after step N of its duration, as a preempted job stops (its checkpoints as they were).
 """
 
 from __future__ import annotations
@@ -48,12 +49,27 @@ class FirstStepGradients(Callback):
         state.stop_training = True
 
 
+class StopAfter(Callback):
+    """Ends ``fit`` after step ``n`` (its checkpoint of that step, if due, is still written)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def batch_end(self, state, logger) -> None:
+        if state.timestamp.batch >= self.n:
+            state.stop_training = True
+
+
 def main() -> None:
     mode, out, *overrides = sys.argv[1:]
     out = Path(out)
     cfg = load_config(ROOT / "yamls" / "tiny.yaml", overrides)
-    callbacks = [FirstStepGradients(out)] if mode == "grads" else []
+    mode, _, stop = mode.partition("@")
+    callbacks = [FirstStepGradients(out)] if mode == "grads" else [StopAfter(int(stop))] if stop else []
     trainer = Trainer(cfg, callbacks=callbacks)
+    initial = None  # a run from scratch: its initialisation
+    if mode == "fit":
+        initial = {k: v.detach().clone() for k, v in model_state_dict(trainer.state.model).items()}
     state = trainer.fit()
     if mode != "fit" or state.optimizer is None:
         return
@@ -64,6 +80,7 @@ def main() -> None:
         torch.save(
             {
                 "weights": weights,
+                "initial": initial,
                 "lr": state.optimizer.param_groups[0]["lr"],
                 "batch": state.timestamp.batch,
                 "ema": ema[0] if ema else None,

@@ -283,7 +283,9 @@ def test_the_teacher_sees_smaller_images_at_its_own_resolution():
     got, expected = teacher_outputs(teacher, small, tokens), teacher_outputs(teacher, up, tokens)
     for key in got:
         torch.testing.assert_close(got[key], expected[key])
-    assert not torch.allclose(got["dist_image_features"], teacher_outputs(teacher, images, tokens)["dist_image_features"])
+    assert not torch.allclose(
+        got["dist_image_features"], teacher_outputs(teacher, images, tokens)["dist_image_features"]
+    )
 
 
 def test_distillation_rejects_a_non_clip_loss_when_checked_not_at_init():

@@ -162,6 +162,30 @@ def test_a_checkpoint_of_the_previous_layout_resumes(tiny, tmp_path):
         torch.testing.assert_close(state.model.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_a_resume_on_another_number_of_processes_warns_where_the_gradient_scale_changes(tiny, tmp_path):
+    """Without gather_with_grad a process's gradient is 1 / processes of the global one: moments saved on 2 processes
+    are 0.5x the scale of 1 process's gradients, which the resume says; with it (or SigLIP) nothing changes."""
+    first = Trainer(tiny("data.val=null", "run.duration=2ba", "checkpoint.save_interval=2ba"))
+    first.fit()
+    checkpoint = ckpt.load_checkpoint(first.checkpoint_folder / "ep0-ba2.pt")
+    checkpoint["rng"] = checkpoint["rng"] * 2  # as 2 processes save it: one RNG state per rank
+    two = tmp_path / "two.pt"
+    torch.save(checkpoint, two)
+    for name, loss, warned in (
+        ("default", (), True),
+        ("exact", ("loss.local_loss=true", "loss.gather_with_grad=true"), False),
+    ):
+        again = Trainer(
+            tiny("data.val=null", f"run.name={name}", "run.duration=4ba", f"checkpoint.resume={two}", *loss)
+        )
+        again.release()
+        said = [line for line in (again.run_dir / "out.log").read_text().splitlines() if "saved on 2" in line]
+        assert bool(said) == warned, said
+        if warned:
+            assert "saved on 2 processes, resumed on 1" in said[0] and "0.5x" in said[0], said[0]
+            assert "loss.gather_with_grad=true" in said[0]
+
+
 def test_retention_interrupted_between_its_two_deletions_leaves_nothing_behind(tmp_path, monkeypatch):
     folder = tmp_path / "checkpoints"
     for step in (1, 2, 3):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from cadenza.algorithms.lora import apply_lora
 from cadenza.engine.errors import CadenzaError, ConfigError
 from cadenza.engine.fsdp import fsdp_blocks, mixed_precision_policy
 from cadenza.models import create_model
@@ -149,7 +150,9 @@ def test_composer_n_2_fsdp_trains_with_every_algorithm(tmp_path):
     assert [r["step"] for r in rows if "train/loss" in r] == [2, 4]
     assert any("val/image_to_text_R@1" in r for r in rows)
     checkpoint = torch.load(tmp_path / "tiny" / "checkpoints" / "ep0-ba4.pt", weights_only=True)
-    assert list(checkpoint["state_dict"]) == list(create_model("tiny-vit").state_dict())
+    expected = create_model("tiny-vit")
+    apply_lora(expected, **ALGORITHM_SETTINGS["lora"])  # LoRA's layers: base_layer and the adapters
+    assert list(checkpoint["state_dict"]) == list(expected.state_dict())
     assert {v.dtype for v in checkpoint["state_dict"].values() if v.is_floating_point()} == {torch.float32}
 
 

@@ -295,11 +295,31 @@ def test_flag_table_is_in_the_readme():
 
 def test_flags_without_an_equivalent_are_errors_listing_every_one():
     with pytest.raises(openclip.FlagError) as info:
-        openclip.translate(openclip.parse_flags(["--horovod", "--debug", "--opt", "timm/lamb", "--cache-dir", "/c"]))
-    assert [p.split(" ")[0] for p in info.value.problems] == ["--cache-dir", "--opt", "--debug", "--horovod"]
+        openclip.translate(
+            openclip.parse_flags(["--horovod", "--debug", "--opt", "timm/adahessian", "--cache-dir", "/c"])
+        )
+    assert [p.split(" ")[0] for p in info.value.problems] == ["--cache-dir", "--debug", "--horovod", "--opt"]
     # at their defaults, or at a value that means what Cadenza does anyway, they are fine
     flags = ["--opt", "adamw", "--dist-url", "env://", "--image-interpolation", "bicubic", "--log-local"]
     openclip.translate(openclip.parse_flags([*FRAGMENT_BASE, *flags, "--coca-caption-loss-weight", "2.0"]))
+
+
+def test_timm_optimizers_translate_as_openclip_builds_them():
+    """``--opt timm/<name>``: betas and eps only where given (else the optimizer's own), momentum where it is taken."""
+    optim = openclip.translate(openclip.parse_flags([*FRAGMENT_BASE, "--opt", "timm/sgd", "--momentum", "0.8"]))[
+        "optim"
+    ]
+    assert (optim["name"], optim["args"], optim["betas"], optim["eps"]) == ("sgd", {"momentum": 0.8}, None, None)
+    flags = [*FRAGMENT_BASE, "--opt", "timm/lamb", "--beta1", "0.8", "--beta2", "0.9", "--eps", "1e-7"]
+    optim = openclip.translate(openclip.parse_flags(flags))["optim"]
+    assert (optim["name"], optim["betas"], optim["eps"]) == ("lamb", [0.8, 0.9], 1e-7)
+    for flags, problem in (
+        (["--opt", "timm/lion", "--momentum", "0.9"], "lion takes no momentum"),
+        (["--momentum", "0.9"], "only for timm optimizers"),
+        (["--opt", "timm/lamb", "--beta1", "0.8"], "both or neither"),
+    ):
+        with pytest.raises(openclip.FlagError, match=problem):
+            openclip.translate(openclip.parse_flags([*FRAGMENT_BASE, *flags]))
 
 
 @pytest.mark.parametrize(

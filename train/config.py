@@ -22,10 +22,12 @@ from cadenza.datasets.transforms import check_augment
 from cadenza.engine import callbacks, logger_destinations, profiling, remote_sync  # noqa: F401 - so do these
 from cadenza.engine.errors import ConfigError, suggest
 from cadenza.engine.object_store import check_storage, is_remote
+from cadenza.engine.optim import check_optimizer
 from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, LOSSES, MODELS
 from cadenza.engine.time import Time, TimeUnit
+from cadenza.models.clip import TOWERS
 from cadenza.models.factory import get_model_config, list_models
-from cadenza.models.losses import LOSS_MODEL_TYPES
+from cadenza.models.losses import LOGIT_BIAS_CHOICES, LOSS_MODEL_TYPES, check_logit_bias
 from cadenza.train.eval_tasks import parse_tasks
 
 PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16", "fp16")
@@ -52,6 +54,7 @@ class ModelConfig:
     pretrained: str | None = None  # local file, s3:// URI or OpenCLIP tag (e.g. laion2b_s34b_b79k)
     overrides: dict[str, Any] = field(default_factory=dict)  # architecture fields to change
     trim_text_padding: bool | None = None  # run the text tower up to the batch's longest caption; default: where exact
+    logit_bias: str | None = None  # train | freeze | drop; default: train with loss.name=siglip, drop otherwise
 
 
 @dataclass
@@ -91,9 +94,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw (torch's, fused) or a timm optimizer: lamb, lion, adafactor, nadamw, sgd, ...
+    args: dict[str, Any] = field(default_factory=dict)  # the optimizer's other arguments, e.g. {momentum: 0.9}
     lr: float = 5.0e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1.0e-6
+    betas: list[float] | None = field(default_factory=lambda: [0.9, 0.98])  # null: the optimizer's own default
+    eps: float | None = 1.0e-6  # null: the optimizer's own default
     weight_decay: float = 0.2
     warmup: str = "10000ba"  # linear warmup from 0; counts in the run's optimizer steps
     scheduler: str = "cosine"  # cosine | const | const-cooldown
@@ -103,6 +108,12 @@ class OptimConfig:
     grad_clip_norm: float | None = None  # shorthand for algorithms.gradient_clipping.norm
     fused: bool | None = None  # AdamW's single-kernel update; default: on CPU and CUDA, else foreach
     accum_freq: int = 1  # micro-batches per optimizer step (features cached, OpenCLIP's way)
+    param_groups: list[Any] = field(
+        default_factory=list
+    )  # ordered rules: {match | regex, lr_scale, weight_decay, frozen}
+    layer_decay: dict[str, float] = field(
+        default_factory=dict
+    )  # layer-wise LR decay per tower: {image: 0.75, text: 0.8}
 
 
 @dataclass
@@ -344,8 +355,7 @@ def _check_values(cfg: DictConfig) -> None:
     _check_finite(OmegaConf.to_container(cfg), "")
     if cfg.optim.lr < 0:
         raise ConfigError("optim.lr", "must not be negative.")
-    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
-        raise ConfigError("optim.betas", f"expected two numbers in [0, 1), got {list(cfg.optim.betas)}.")
+    _check_optim(cfg.optim)
     for key in ("optim.accum_freq", "data.batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(key, "must be at least 1.")
@@ -373,6 +383,9 @@ def _check_values(cfg: DictConfig) -> None:
     _check_dist(cfg)
     MODELS.get(cfg.model.name, "model.name")
     _resolve_loss(cfg)
+    if cfg.model.logit_bias is not None:
+        _check_choice("model.logit_bias", cfg.model.logit_bias, LOGIT_BIAS_CHOICES)
+    check_logit_bias(cfg.loss.name, cfg.model.logit_bias)
     for split in ("train", "val"):
         dataset = cfg.data[split]
         if dataset is None:
@@ -426,6 +439,20 @@ def _check_tasks(cfg: DictConfig) -> None:
             f"eval.tasks.{cfg.eval.zero_shot.name}",
             "has the name of eval.zero_shot, whose metrics it would overwrite; rename one of them.",
         )
+
+
+def _check_optim(optim: DictConfig) -> None:
+    """The optimizer and its arguments (by key, against its signature), the parameter rules, the layer decays."""
+    defaults = {
+        f.name: f.default_factory() if callable(f.default_factory) else f.default
+        for f in dataclasses.fields(OptimConfig)
+    }
+    check_optimizer(optim, defaults)
+    for tower, decay in optim.layer_decay.items():
+        if tower not in TOWERS:
+            raise ConfigError(f"optim.layer_decay.{tower}", f"not a tower.{suggest(str(tower), TOWERS)}")
+        if not 0 < decay <= 1:
+            raise ConfigError(f"optim.layer_decay.{tower}", f"a factor per layer in (0, 1], e.g. 0.75; got {decay}.")
 
 
 def _check_finite(node: dict[str, Any], prefix: str) -> None:

@@ -2,6 +2,7 @@
 
     composer eval CONFIG [key=value ...]
     composer eval --tasks SUITE MODEL_OR_CHECKPOINT [key=value ...]
+    composer eval CONFIG checkpoint.resume=CHECKPOINT [key=value ...] --wise-ft ALPHAS [--base PRETRAINED]
 
 With a CONFIG, the model comes from ``model.pretrained`` or from a checkpoint (``checkpoint.resume=PATH``);
 ``data.val`` (retrieval metrics, validation loss), ``eval.zero_shot`` and ``eval.tasks`` run once, as OpenCLIP does
@@ -12,6 +13,10 @@ MODEL_OR_CHECKPOINT: a Cadenza checkpoint (its stored config gives the architect
 settings) or an architecture name (``ViT-B-32``, with ``model.pretrained=TAG_OR_FILE`` for weights). The results
 table is printed and written to ``<run.logs>/<run.name>/results/`` as markdown and JSON. ``eval.data_root=DIR``
 moves the suite's data; ``composer -n N eval ...`` splits the work over N processes.
+
+``--wise-ft 0,0.25,0.5,0.75,1 [--base PRETRAINED]`` evaluates WiSE-FT's interpolations between the checkpoint and
+its zero-shot weights instead: the config's ``eval.tasks``, ``eval.zero_shot`` and ``data.val`` once per alpha
+(``train/wise_ft_sweep.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from omegaconf import DictConfig
 from cadenza.engine import dist
 from cadenza.engine.errors import CadenzaError, ConfigError, suggest
 from cadenza.engine.registry import MODELS
+from cadenza.train import wise_ft_sweep
 from cadenza.train.config import load_config
 from cadenza.train.eval_suite import SuiteEvaluator, logged_metrics
 from cadenza.train.trainer import Trainer
@@ -37,6 +43,8 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(__doc__.strip() + "\n")
         return 0 if argv else 2
+    if any(arg == "--wise-ft" or arg.startswith("--wise-ft=") for arg in argv):
+        return wise_ft_sweep.main(argv)
     try:
         if argv[0] == "--tasks" or argv[0].startswith("--tasks="):
             cfg = suite_config(*_suite_arguments(argv))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ast
 import codecs
+import inspect
 import logging
 import shlex
 import sys
@@ -35,6 +36,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from cadenza.engine import dist
 from cadenza.engine.errors import CadenzaError, ConfigError
+from cadenza.engine.optim import optimizer_spec
 from cadenza.models.factory import get_model_config, list_models
 from cadenza.models.openclip_folder import is_folder_name, resolve_folder_name
 from cadenza.train.config import apply_override, build_config
@@ -127,9 +129,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--beta2", None, float, "optim.betas", "second of the pair; unset: 0.98 if the model name contains `vit`, else 0.999 (OpenCLIP's rule)"),
     Flag("--eps", None, float, "optim.eps", "unset: 1e-6 if the model name contains `vit`, else 1e-8 (OpenCLIP's rule)"),
     Flag("--wd", 0.2, float, "optim.weight_decay", "OpenCLIP 3.3.0's exemptions (biases, norms, logit scale)"),
-    Flag("--momentum", None, float, None, "only for timm optimizers; Cadenza trains with AdamW"),
+    Flag("--momentum", None, float, "optim.args.momentum", "with a `timm/...` optimizer that takes it (OpenCLIP ignores it for the others: an error here)"),
     Flag("--warmup", 10000, int, "optim.warmup", "`N` steps → `Nba`"),
-    Flag("--opt", "adamw", str, None, "Cadenza's optimizer is AdamW (`adamw`); `timm/...` optimizers are not available", same=("adamw", "AdamW")),
+    Flag("--opt", "adamw", str, "optim.name", "`adamw`; `timm/<name>` → `<name>` (timm's), given `--beta1`/`--beta2` and `--eps` only where OpenCLIP gives them (else `null`: the optimizer's own)"),
     switch("--use-bn-sync", None, "no SyncBatchNorm conversion"),
     switch("--skip-scheduler", "optim.scheduler, optim.warmup", "`const` with `0ba` warmup: the LR stays at `--lr`"),
     Flag("--lr-scheduler", "cosine", str, "optim.scheduler", "cosine, const or const-cooldown"),
@@ -508,7 +510,43 @@ def _optim(args, defaults: dict[str, float], problems: list[str]) -> dict[str, A
     if args.grad_clip_norm is not None:
         optim["grad_clip_norm"] = args.grad_clip_norm
     optim["accum_freq"] = args.accum_freq
+    _optimizer(args, optim, problems)
     return optim
+
+
+def _optimizer(args, optim: dict[str, Any], problems: list[str]) -> None:
+    """``--opt``: AdamW, or ``timm/<name>`` as OpenCLIP builds it: ``create_optimizer_v2`` with betas and eps only when
+    given (OpenCLIP's model-family defaults apply to AdamW alone), and ``--momentum`` for an optimizer that takes it."""
+    opt = args.opt.lower()
+    if opt == "adamw":
+        if args.momentum is not None:
+            problems.append(f"--momentum {args.momentum}: OpenCLIP uses it only for timm optimizers (--opt timm/...)")
+        return
+    if not opt.startswith("timm/"):
+        problems.append(f"--opt {args.opt}: OpenCLIP takes adamw or timm/<name>")
+        return
+    name = opt.removeprefix("timm/")
+    try:
+        spec = optimizer_spec(name, "--opt")
+    except ConfigError as error:
+        problems.append(f"--opt {args.opt}: {str(error).split(': ', 1)[-1]}")
+        return
+    optim["name"] = name
+    if (args.beta1 is None) != (args.beta2 is None):
+        problems.append("--beta1 / --beta2: OpenCLIP needs both or neither with a timm optimizer")
+    elif args.beta1 is not None and not spec.betas:
+        problems.append(f"--beta1 / --beta2: {name} takes no betas (OpenCLIP drops them)")
+    if args.eps is not None and not spec.eps:
+        problems.append(f"--eps {args.eps}: {name} takes no eps (OpenCLIP drops it)")
+    if args.beta1 is None:
+        optim["betas"] = None  # the optimizer's own, as OpenCLIP passes none
+    if args.eps is None:
+        optim["eps"] = None
+    if args.momentum is not None:
+        if "momentum" in inspect.signature(spec.cls).parameters:
+            optim["args"] = {"momentum": args.momentum}
+        else:
+            problems.append(f"--momentum {args.momentum}: {name} takes no momentum (OpenCLIP ignores it)")
 
 
 def _algorithms(args, problems: list[str]) -> dict[str, Any]:

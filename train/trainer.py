@@ -31,13 +31,14 @@ from cadenza.engine.fsdp import gathered_for_evaluation, load_sharded, shard_mod
 from cadenza.engine.loader import Loader
 from cadenza.engine.logger import Logger
 from cadenza.engine.object_store import ObjectStoreError, get_object_store, is_remote
-from cadenza.engine.optim import build_optimizer, build_scheduler
+from cadenza.engine.optim import build_optimizer, build_scheduler, describe_param_groups, resolve_param_groups
 from cadenza.engine.precision import autocast_context, weights_dtype
 from cadenza.engine.registry import ALGORITHMS, CALLBACKS, DATASETS, LOGGERS, LOSSES, MODELS
 from cadenza.engine.state import State
 from cadenza.engine.text_log import setup_logging
 from cadenza.engine.time import Time
-from cadenza.models.losses import LOSS_MODEL_INIT
+from cadenza.models.clip import layer_decay_scales
+from cadenza.models.losses import apply_logit_bias_choice, gradient_shrinks_with_processes, model_init_overrides
 from cadenza.models.tokenizer import get_tokenizer
 from cadenza.train.config import listed, loss_arguments, to_yaml
 from cadenza.train.eval_suite import build_suite
@@ -124,8 +125,12 @@ class Trainer:
 
         # The model, seeded identically on every rank, before anything that holds its parameters.
         seed_everything(cfg.run.seed)
-        overrides = {**LOSS_MODEL_INIT.get(cfg.loss.name, {}), **OmegaConf.to_container(cfg.model.overrides)}
+        overrides = {
+            **model_init_overrides(cfg.loss.name, cfg.model.logit_bias),
+            **OmegaConf.to_container(cfg.model.overrides),
+        }
         model = MODELS.build(cfg.model.name, {"pretrained": cfg.model.pretrained, "overrides": overrides}, "model")
+        apply_logit_bias_choice(model, cfg.loss.name, cfg.model.logit_bias)  # trained, frozen or dropped
         model = model.to(device=device, dtype=weights_dtype(cfg.run.precision))
         self.trim_text = trims_text_padding(cfg, model)
         seed_everything(cfg.run.seed + info.rank)
@@ -156,11 +161,13 @@ class Trainer:
         self.engine = Engine(state, self.logger)
         self.state = state
 
-        # INIT: algorithms change the model; then wrap it and let the optimizer collect what is trainable.
+        # INIT: algorithms change the model; optim.param_groups' rules freeze what they freeze (before DDP sees which
+        # parameters train); then wrap it and let the optimizer collect what is trainable, by name.
         self.engine.run_event(Event.INIT)
+        groups = self._param_groups(state.model) if train_loader is not None else None
         state.wrapped_model = self._wrap_model(state.model, info, device)
         if train_loader is not None:
-            state.optimizer = build_optimizer(cfg.optim, state.model)
+            state.optimizer = build_optimizer(cfg.optim, state.model, groups)
             state.scheduler = build_scheduler(
                 cfg.optim, state.optimizer, self.warmup_batches, state.max_batches, self.cooldown_batches
             )
@@ -243,6 +250,16 @@ class Trainer:
                 self.warmup_batches,
                 state.max_batches,
             )
+
+    def _param_groups(self, model: nn.Module) -> list:
+        """The optimizer's parameter groups (``optim.param_groups``, ``optim.layer_decay``), logged."""
+        optim = self.cfg.optim
+        scales = layer_decay_scales(model, optim.layer_decay) if optim.layer_decay else None
+        groups = resolve_param_groups(optim, model, scales)
+        log.info("optimizer %s, %d parameter groups:", optim.name, len(groups))
+        for line in describe_param_groups(groups, optim.lr):
+            log.info("  %s", line)
+        return groups
 
     def _wrap_model(self, model: nn.Module, info: dist.DistInfo, device: torch.device) -> nn.Module:
         """DDP, or FSDP2 sharding in place (``dist.fsdp``); one process needs neither."""
@@ -404,6 +421,19 @@ class Trainer:
     def _say_what_changed(self, checkpoint: dict, path: str | Path) -> None:
         """A resume with another batch size or number of processes works, and changes what a step is: say how."""
         ts, state = self.state.timestamp, self.state
+        rng = checkpoint.get("rng")
+        saved_processes = len(rng) if isinstance(rng, list) else None  # one RNG state per rank
+        if saved_processes not in (None, state.dist.world_size) and gradient_shrinks_with_processes(state.loss_fn):
+            log.warning(
+                "saved on %d processes, resumed on %d: without loss.gather_with_grad each process's gradient is "
+                "1 / processes of the global one (OpenCLIP's rule), so the optimizer's moments carried over are %gx "
+                "the scale of this run's gradients and its first steps differ from an uninterrupted run's. Set "
+                "loss.gather_with_grad=true (and loss.local_loss=true) for gradients that do not depend on the number "
+                "of processes.",
+                saved_processes,
+                state.dist.world_size,
+                state.dist.world_size / saved_processes,
+            )
         if ts.batch == 0 or ts.sample % ts.batch:
             return
         before, now = ts.sample // ts.batch, state.samples_per_batch
