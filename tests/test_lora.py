@@ -183,6 +183,9 @@ def test_wise_ft_evaluation_prints_each_alpha_and_its_ends_are_the_two_models(lo
     zero_shot = printed_metrics(capsys.readouterr().out)
     assert composer(["eval", *common, "run.name=tuned", LORA, f"checkpoint.resume={checkpoint}"]) == 0
     tuned = printed_metrics(capsys.readouterr().out)
+    assert composer(["eval", *common, "run.name=plain", f"checkpoint.resume={checkpoint}"]) == 2  # LoRA left out
+    error = capsys.readouterr().err
+    assert "holds LoRA adapters and this run has none: add the run's algorithms.lora='{rank: 4, alpha: 8" in error
     sweep = ["eval", *common, "run.name=sweep", f"checkpoint.resume={checkpoint}", "--wise-ft", "0,0.5,1"]
     assert composer(sweep) == 0
     header, *rows = capsys.readouterr().out.splitlines()[1:]

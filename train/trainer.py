@@ -38,6 +38,7 @@ from cadenza.engine.state import State
 from cadenza.engine.text_log import setup_logging
 from cadenza.engine.time import Time
 from cadenza.models.clip import layer_decay_scales
+from cadenza.models.lora import is_lora_state_dict
 from cadenza.models.losses import apply_logit_bias_choice, gradient_shrinks_with_processes, model_init_overrides
 from cadenza.models.tokenizer import get_tokenizer
 from cadenza.train.config import listed, loss_arguments, to_yaml
@@ -471,9 +472,27 @@ class Trainer:
         if not (missing or unexpected or reshaped):
             return
         try:
-            saved_as = f"model.name={stored_config(checkpoint, path).get('model', {}).get('name')}"
+            saved = stored_config(checkpoint, path)
         except CheckpointError:
-            saved_as = "another model"
+            saved = {}
+        saved_as = (
+            f"model.name={saved['model'].get('name')}" if isinstance(saved.get("model"), dict) else "another model"
+        )
+        if is_lora_state_dict(weights) and not is_lora_state_dict(own):
+            lora = (saved.get("algorithms") or {}).get("lora")
+            flow = "{" + ", ".join(f"{key}: {value}" for key, value in lora.items()) + "}" if lora else ""
+            setting = f"algorithms.lora='{flow}'" if flow else "algorithms.lora"
+            raise ConfigError(
+                "checkpoint.resume",
+                f"'{path}' holds LoRA adapters and this run has none: add the run's {setting}, or fold them into "
+                "plain weights with composer export (the result loads as model.pretrained).",
+            )
+        if is_lora_state_dict(own) and not is_lora_state_dict(weights):
+            raise ConfigError(
+                "checkpoint.resume",
+                f"'{path}' has no LoRA adapters and this run adds them (algorithms.lora): to fine-tune its weights with "
+                "LoRA, pass it as model.pretrained instead.",
+            )
         raise ConfigError(
             "checkpoint.resume",
             f"'{path}' was saved by {saved_as} and does not fit this run's model.name={self.cfg.model.name} "
