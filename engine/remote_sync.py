@@ -51,19 +51,21 @@ class RemoteSync(Callback):
     Args:
         remote: ``s3://bucket/prefix`` (or a local folder); the run folder's files land under it.
         frequency: seconds between syncs (OpenCLIP's ``--remote-sync-frequency``).
+        under_run: the files land under ``<remote>/<run name>`` instead (OpenCLIP's ``--remote-sync`` layout); the
+            name is the run's as the trainer settled it, rank 0's date when ``run.name`` is unset.
     """
 
-    def __init__(self, run_dir: Path, remote: str, frequency: float = 300.0) -> None:
+    def __init__(self, run_dir: Path, remote: str, frequency: float = 300.0, under_run: bool = False) -> None:
         if frequency <= 0:
             raise ValueError("frequency must be a positive number of seconds")
         self.run_dir = Path(run_dir)
-        self.remote = remote
+        self.remote = f"{remote.rstrip('/')}/{self.run_dir.name}" if under_run else remote
         self.frequency = frequency
         self._uploaded: dict[str, tuple[int, int]] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._store = get_object_store(remote)  # another scheme than s3:// is a ValueError, named by the registry
+        self._store = get_object_store(self.remote)  # another scheme than s3:// is a ValueError, named by the registry
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if not state.dist.is_main or self._thread is not None:

@@ -433,14 +433,22 @@ def test_coca_translates_to_the_coca_loss_and_its_weights():
     ]
 
 
-def test_remote_sync_folder_is_named_after_the_run_as_in_openclip():
-    import re
+def test_remote_sync_folder_is_named_after_the_run_as_in_openclip(tmp_path):
+    """<remote>/<run name>: the name the trainer settles (rank 0's date-model-lr-b-j-p without --name, shared by every
+    rank; a name drawn while translating would be each process's own date)."""
+    from cadenza.engine.remote_sync import RemoteSync
 
     cfg = translated(guide_flags(COMMANDS["17.0"]))
-    assert re.fullmatch(r"\d{4}_\d\d_\d\d-\d\d_\d\d_\d\d-model_RN50-lr_0.0005-b_64-j_4-p_amp", cfg.run.name)
-    assert cfg.callbacks.remote_sync.remote == f"s3://my-bucket/checkpoints/{cfg.run.name}"
+    assert cfg.run.name is None
+    assert dict(cfg.callbacks.remote_sync) == {
+        "remote": "s3://my-bucket/checkpoints",
+        "frequency": 300,
+        "under_run": True,
+    }
+    sync = RemoteSync(tmp_path / "2026_12_06-08_00_00-model_RN50-lr_0.0005-b_64-j_4-p_amp", **cfg.callbacks.remote_sync)
+    assert sync.remote == "s3://my-bucket/checkpoints/2026_12_06-08_00_00-model_RN50-lr_0.0005-b_64-j_4-p_amp"
     named = translated([*guide_flags(COMMANDS["17.0"]), "--name", "exp"])
-    assert named.callbacks.remote_sync.remote == "s3://my-bucket/checkpoints/exp"
+    assert named.run.name == "exp" and named.callbacks.remote_sync.under_run
 
 
 def test_guide_lines_that_are_not_the_trainer():
@@ -823,7 +831,6 @@ def test_slurm_tasks(data, tmp_path):
 README_DIFFERENCES = {
     "Large scale": {"data.train", "data.val", "checkpoint.save_interval", "callbacks.remote_sync", "run.logs"},
     "Distillation": {"algorithms.distillation.teacher"},
-    "Remote sync": {"callbacks.remote_sync.remote"},  # OpenCLIP's date-based run name against the YAML's run.name
 }
 
 

@@ -27,7 +27,6 @@ import logging
 import shlex
 import sys
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +184,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--log-every-n-steps", 100, int, "run.log_interval", "`N` → `Nba`"),
     Flag("--coca-caption-loss-weight", 2.0, float, "loss.caption_loss_weight", "`coca_*` models; others: an error unless 2.0 (OpenCLIP ignores it)"),
     Flag("--coca-contrastive-loss-weight", 1.0, float, "loss.clip_loss_weight", "`coca_*` models; others: an error unless 1.0 (OpenCLIP ignores it)"),
-    Flag("--remote-sync", None, str, "callbacks.remote_sync.remote", "`<remote>/<run name>`, as OpenCLIP (without `--name`, OpenCLIP's date-model-lr-b-j-p name is set); not with `--resume latest`"),
+    Flag("--remote-sync", None, str, "callbacks.remote_sync.remote, callbacks.remote_sync.under_run", "`<remote>/<run name>`, as OpenCLIP (without `--name`, the run's date-model-lr-b-j-p name, rank 0's on every rank); not with `--resume latest`"),
     Flag("--remote-sync-frequency", 300, int, "callbacks.remote_sync.frequency", "seconds; needs `--remote-sync`"),
     Flag("--remote-sync-protocol", "s3", str, None, "Cadenza syncs with boto3 (S3 and compatible stores), not fsspec", same=("s3",), choices=("s3", "fsspec")),
     switch("--delete-previous-checkpoint", "checkpoint.keep", "`keep: 1`"),
@@ -265,7 +264,6 @@ def translate(args: argparse.Namespace) -> dict[str, Any]:
         if flag.key is None and getattr(args, flag.dest) != flag.default and getattr(args, flag.dest) not in flag.same
     ]
     optim_defaults = default_optim_params(args.model)
-    lr = optim_defaults["lr"] if args.lr is None else args.lr
     cfg: dict[str, Any] = {
         "run": _run(args, problems),
         "model": _model(args, problems),
@@ -280,7 +278,7 @@ def translate(args: argparse.Namespace) -> dict[str, Any]:
         "dist": _dist(args, problems),
     }
     _evaluation(args, cfg, problems)
-    _remote_sync(args, cfg, lr, problems)
+    _remote_sync(args, cfg, problems)
     if problems:
         raise FlagError(problems)
     return {section: value for section, value in cfg.items() if value != {}}
@@ -642,14 +640,7 @@ def _evaluation(args, cfg: dict[str, Any], problems: list[str]) -> None:
     cfg["eval"]["interval"] = f"{every}ep"
 
 
-def openclip_run_name(args, lr: float) -> str:
-    """OpenCLIP's run name when ``--name`` is unset: date, model, lr, batch size, workers, precision."""
-    date = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
-    model = args.model.replace("/", "-")
-    return f"{date}-model_{model}-lr_{lr}-b_{args.batch_size}-j_{args.workers}-p_{args.precision}"
-
-
-def _remote_sync(args, cfg: dict[str, Any], lr: float, problems: list[str]) -> None:
+def _remote_sync(args, cfg: dict[str, Any], problems: list[str]) -> None:
     if args.remote_sync is None:
         if args.remote_sync_frequency != BY_DEST["remote_sync_frequency"].default:
             problems.append("--remote-sync-frequency: needs --remote-sync")
@@ -659,9 +650,10 @@ def _remote_sync(args, cfg: dict[str, Any], lr: float, problems: list[str]) -> N
             "--remote-sync with --resume latest: Cadenza resumes from the object store through "
             "checkpoint.save_folder: s3://... (see yamls/laion400m_vitb16.yaml), not from the sync mirror"
         )
-    name = cfg["run"].setdefault("name", openclip_run_name(args, lr))  # the remote folder is named after the run
-    remote = f"{args.remote_sync.rstrip('/')}/{name}"
-    cfg["callbacks"]["remote_sync"] = {"remote": remote, "frequency": args.remote_sync_frequency}
+    # <remote>/<run name>, as OpenCLIP: the name as the trainer settles it (without --name, rank 0's date on every
+    # rank; a name set here would be each process's own date)
+    remote = args.remote_sync.rstrip("/")
+    cfg["callbacks"]["remote_sync"] = {"remote": remote, "frequency": args.remote_sync_frequency, "under_run": True}
 
 
 def _dist(args, problems: list[str]) -> dict[str, Any]:
