@@ -123,9 +123,12 @@ def matmul_dtype(precision: str) -> torch.dtype:
 def measured_peak_flops(device_type: str, device_index: int | None, dtype: torch.dtype) -> float:
     """FLOP/s of a large square matmul on this device and dtype (the best of a few runs).
 
-    8192² on a GPU. On a CPU 2048², or the largest power of two from 256 whose matmul takes under 50 ms: a dtype
-    the CPU has no instructions for is emulated at a few hundred MFLOP/s (bf16 and fp16 on AVX2: 0.3 GFLOP/s),
-    where 2048² took 4 minutes to measure; such a slow path is at its peak long before 2048.
+    8192² on a GPU. On a CPU the first power of two from 256 whose matmul takes 10 ms or more, at most 2048²: a
+    CPU's GEMM is at its peak by then (fp32 on one Sapphire Rapids core: 149 GFLOP/s at 1024², 147 at 2048²; bf16
+    on AMX 1136 and 1035), and the measurement costs about 0.1 s of the run instead of 0.9 s at 2048² (a fifth of
+    an epoch of the quickstart, counted in its time to accuracy). A dtype the CPU has no instructions for is
+    emulated at a few hundred MFLOP/s (bf16 and fp16 on AVX2: 0.3 GFLOP/s), where 2048² took 4 minutes to
+    measure; such a slow path stops at 256².
     """
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
     generator = torch.Generator(device).manual_seed(0)  # its own stream: the run's RNG does not move
@@ -147,7 +150,7 @@ def measured_peak_flops(device_type: str, device_index: int | None, dtype: torch
     size = 8192
     if device_type != "cuda":
         size = 256
-        while size < 2048 and seconds(size, 2) < 0.05:
+        while size < 2048 and seconds(size, 1) < 0.01:
             size *= 2
     return 2 * size**3 / seconds(size, 4)
 
