@@ -4,8 +4,9 @@ Parameter groups start from OpenCLIP's weight-decay rule (two groups: exempt and
 adds ordered rules that match parameter names by glob (``match``) or regular expression (``regex``) and set
 ``lr_scale``, ``weight_decay`` or ``frozen``; a per-parameter learning-rate scale (layer-wise decay, computed above
 the kernel from the model's layer order) multiplies in. ``optim.name`` picks the optimizer: ``adamw`` is torch's
-AdamW (fused on CPU and CUDA), any other name is one of timm's (``timm.optim.list_optimizers()``: lamb, lion,
-adafactor, nadamw, sgd, ...), built by ``timm.optim.create_optimizer_v2`` on the same groups.
+AdamW (fused on CPU and CUDA), ``muon`` is Cadenza's Muon (``cadenza.engine.muon``: timm's Newton-Schulz batched
+by shape, fused AdamW for the rest), any other name is one of timm's (``timm.optim.list_optimizers()``: lamb,
+lion, adafactor, nadamw, sgd, ...), built by ``timm.optim.create_optimizer_v2`` on the same groups.
 """
 
 from __future__ import annotations
@@ -302,6 +303,14 @@ def optimizer_spec(name: str, key: str = "optim.name") -> OptimizerSpec:
     """The class behind ``optim.name`` (a ``ConfigError`` for an unknown name or a missing library)."""
     if name == "adamw":
         return OptimizerSpec("adamw", torch.optim.AdamW, betas=2, eps=True, own=("fused",))
+    if name == "muon":
+        from cadenza.engine.muon import Muon
+
+        try:
+            from timm.optim.muon import zeropower_via_newtonschulz  # noqa: F401 - the iteration it runs
+        except ImportError:
+            raise ConfigError(key, "optim.name=muon needs timm's Muon (timm >= 1.0.20): pip install -U timm.") from None
+        return OptimizerSpec("muon", Muon, betas=2, eps=True, own=())
     from timm.optim import get_optimizer_class, get_optimizer_info
 
     names = optimizer_names()
@@ -398,6 +407,10 @@ def build_optimizer(
             foreach=None if fused else True,
             **args,
         )
+    if spec.name == "muon":  # named: the embedding tables are stepped by AdamW (see cadenza.engine.muon)
+        names = {id(p): n for n, p in params.items()}
+        named_groups = [{**g, "params": [(names[id(p)], p) for p in g["params"]]} for g in torch_groups if g["params"]]
+        return spec.cls(named_groups, lr=cfg.lr, **shared, **args)
     from timm.optim import create_optimizer_v2
 
     torch_groups = [group for group in torch_groups if group["params"]]  # some of timm's reject empty groups

@@ -484,6 +484,12 @@ def _check_dist(cfg: DictConfig) -> None:
     for key in ("find_unused_parameters", "static_graph"):
         if cfg.dist[key]:
             raise ConfigError(f"dist.{key}", "is a DDP option and dist.fsdp=true replaces DDP; remove one of them.")
+    if cfg.optim.name == "muon":
+        raise ConfigError(
+            "optim.name",
+            "muon orthogonalises whole weight matrices, and with dist.fsdp=true each process holds shards of them. "
+            "Use DDP (dist.fsdp=false) with muon, or another optimizer with FSDP.",
+        )
     if cfg.run.precision == "amp":
         raise ConfigError(
             "run.precision",
