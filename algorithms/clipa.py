@@ -18,10 +18,11 @@ with the caption length, while accuracy falls much less, more so for larger mode
 shorter sequences see more samples. It hurts when the low-resolution phase cannot see what separates the classes,
 or when the full-resolution phase is too short to adapt to it.
 
-**Measured** (time to accuracy, `python benchmarks/time_to_accuracy.py --algorithms`; digits, `tiny-vit`, seed 0, 2
-shared CPU cores, 2026-12-06 05:10 UTC): switched on in the fastest recipe (`yamls/digits_fast.yaml`), 90% zero-shot
-top-1 after never against 93.29 s without (—), best top-1 within 400 s 0.5404 against 0.9554 (-41.5 pt). README's
-method-card table has every algorithm side by side.
+**Measured** (time to accuracy, `python benchmarks/time_to_accuracy.py --algorithms --seeds 0 1 2 --budget 45`;
+digits, `tiny-vit`, seeds 0, 1, 2, 2 idle CPU cores (Sapphire Rapids), 2026-12-06): switched on in the fastest recipe
+(`yamls/digits_fast.yaml`: Muon, the text embeddings frozen), 90% zero-shot top-1 not reached in most seeds (median;
+per seed never, never, never) against 16.6 s without (—), best top-1 within 45 s 0.3565 against 0.9749 (-61.8 pt).
+README's method-card table has every algorithm side by side.
 """
 
 from __future__ import annotations

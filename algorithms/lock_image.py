@@ -7,10 +7,11 @@ stage; the final norm joins the last block), then the projection / pooling head 
 as in OpenCLIP (with a warning); ``freeze_bn_stats`` also stops BatchNorm statistics
 from updating in frozen groups (ResNet towers). Runs once, on ``INIT``, before the optimizer is built.
 
-**Measured** (time to accuracy, `python benchmarks/time_to_accuracy.py --algorithms`; digits, `tiny-vit`, seed 0, 2
-shared CPU cores, 2026-12-06 05:10 UTC): switched on in the fastest recipe (`yamls/digits_fast.yaml`), 90% zero-shot
-top-1 after 80.53 s against 93.29 s without (1.16x), best top-1 within 400 s 0.9499 against 0.9554 (-0.5 pt).
-README's method-card table has every algorithm side by side.
+**Measured** (time to accuracy, `python benchmarks/time_to_accuracy.py --algorithms --seeds 0 1 2 --budget 45`;
+digits, `tiny-vit`, seeds 0, 1, 2, 2 idle CPU cores (Sapphire Rapids), 2026-12-06): switched on in the fastest recipe
+(`yamls/digits_fast.yaml`: Muon, the text embeddings frozen), 90% zero-shot top-1 after 15.8 s (median; per seed 18.0,
+15.8, 12.5) against 16.6 s without (1.05x), best top-1 within 45 s 0.9666 against 0.9749 (-0.8 pt). README's
+method-card table has every algorithm side by side.
 """
 
 from __future__ import annotations

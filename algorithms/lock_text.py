@@ -6,10 +6,11 @@ final LayerNorm], [projection]. ``freeze_layer_norm: false`` leaves the LayerNor
 groups trainable (OpenCLIP asserts it is true for its own text tower; here both work). Runs once,
 on ``INIT``, before the optimizer is built.
 
-**Measured** (time to accuracy, `python benchmarks/time_to_accuracy.py --algorithms`; digits, `tiny-vit`, seed 0, 2
-shared CPU cores, 2026-12-06 05:10 UTC): switched on in the fastest recipe (`yamls/digits_fast.yaml`), 90% zero-shot
-top-1 after 63.26 s against 93.29 s without (1.47x), best top-1 within 400 s 0.9443 against 0.9554 (-1.1 pt).
-README's method-card table has every algorithm side by side.
+**Measured** (time to accuracy, `python benchmarks/time_to_accuracy.py --algorithms --seeds 0 1 2 --budget 45`;
+digits, `tiny-vit`, seeds 0, 1, 2, 2 idle CPU cores (Sapphire Rapids), 2026-12-06): Text locking is part of the
+fastest recipe (`yamls/digits_fast.yaml`); switched off there, 90% zero-shot top-1 after 16.7 s (median; per seed
+16.7, 24.9, 16.6) against 16.6 s with it (1.01x sooner with it), best top-1 within 45 s 0.9749 without against 0.9749
+with it. README's method-card table has every algorithm side by side.
 """
 
 from __future__ import annotations

@@ -18,7 +18,15 @@ for which parameters are matrices); the AdamW part is torch's fused kernel. What
 
 On ``tiny-vit`` (one CPU thread, batch 16, Sapphire Rapids) the optimizer step took 53 ms with timm's ``Muon`` and
 9.8 ms with this class, against 4.8 ms for fused AdamW (with the text embeddings frozen: 13.7, 5.4 and 0.8 ms).
-``tests/test_muon.py`` checks the update by hand; README's method card has its time to accuracy.
+``tests/test_muon.py`` checks the update by hand.
+
+**Measured** (time to accuracy, `python benchmarks/time_to_accuracy.py --algorithms --seeds 0 1 2 --budget 45`;
+digits, `tiny-vit`, seeds 0, 1, 2, 2 idle CPU cores (Sapphire Rapids), 2026-12-06): Muon is part of the fastest recipe
+(`yamls/digits_fast.yaml`); switched off there, 90% zero-shot top-1 not reached in most seeds (median; per seed never,
+34.6, never) against 16.6 s with it (it never reaches 90% without), best top-1 within 45 s 0.8719 without against
+0.9749 with it. README's method-card table has every algorithm side by side.
+In the sweep before it (README, "Time to accuracy"; batch 16, lr 1e-3, seeds 0, 1, 2): 90% after two or three
+epochs where AdamW took three to five; with timm's ``Muon`` 35.0 s to 90%, with this class 16.3 s, AdamW 20.6 s.
 
 Not supported: ``dist.fsdp`` (the iteration needs whole matrices; each process holds shards) and a ``found_inf``
 input (one host check per step, as ``optim.fused: false``).
