@@ -306,10 +306,15 @@ def optimizer_spec(name: str, key: str = "optim.name") -> OptimizerSpec:
     if name == "muon":
         from cadenza.engine.muon import Muon
 
-        try:
-            from timm.optim.muon import zeropower_via_newtonschulz  # noqa: F401 - the iteration it runs
-        except ImportError:
-            raise ConfigError(key, "optim.name=muon needs timm's Muon (timm >= 1.0.20): pip install -U timm.") from None
+        try:  # the pieces it takes from timm
+            from timm.optim.muon import (  # noqa: F401
+                _COEFFICIENTS,
+                get_lr_scale,
+                resolve_ns_coefficients,
+                zeropower_via_newtonschulz,
+            )
+        except ImportError as error:
+            raise ConfigError(key, f"optim.name=muon needs a newer timm ({error}): pip install -U timm.") from None
         return OptimizerSpec("muon", Muon, betas=2, eps=True, own=())
     from timm.optim import get_optimizer_class, get_optimizer_info
 
