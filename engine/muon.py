@@ -46,14 +46,13 @@ NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def is_matrix(param: torch.Tensor, name: str = "") -> bool:
-    """Whether Muon steps ``param``: timm's rule (``_is_suitable_for_muon``) with convolutions flattened to
-    ``(out, in * kh * kw)``: at least two dimensions, neither of the first two of size 1, both sides of the flattened
-    matrix at least 4 and their ratio at most 128; and not an embedding table (a name with ``embedding``: tokens
-    and positions are looked up, not multiplied, so the method gives them to AdamW)."""
-    if param.ndim < 2 or param.shape[0] == 1 or param.shape[1] == 1 or "embedding" in name:
-        return False
-    rows, cols = param.shape[0], math.prod(param.shape[1:])
-    return min(rows, cols) >= 4 and max(rows, cols) / min(rows, cols) <= 128
+    """Whether Muon steps ``param``: timm's rule (``_is_suitable_for_muon``: at least two dimensions, neither of the
+    first two of size 1, both sides of the matrix, convolutions flattened to ``(out, in * kh * kw)``, at least 4 and
+    their ratio at most 128), and not an embedding table (a name with ``embedding``: tokens and positions are looked
+    up, not multiplied, so the method gives them to AdamW)."""
+    from timm.optim.muon import _is_suitable_for_muon
+
+    return "embedding" not in name and _is_suitable_for_muon(param)
 
 
 class Muon(torch.optim.Optimizer):

@@ -309,6 +309,7 @@ def optimizer_spec(name: str, key: str = "optim.name") -> OptimizerSpec:
         try:  # the pieces it takes from timm
             from timm.optim.muon import (  # noqa: F401
                 _COEFFICIENTS,
+                _is_suitable_for_muon,
                 get_lr_scale,
                 resolve_ns_coefficients,
                 zeropower_via_newtonschulz,
