@@ -17,6 +17,7 @@ import os
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
+from time import sleep
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,7 @@ from cadenza.engine.errors import ConfigError, DataError
 load_streaming()  # before the first import from it
 
 from streaming import StreamingDataset  # noqa: E402
+from streaming.base.constant import TICK  # noqa: E402
 from streaming.base.dataset import _ShardState  # noqa: E402
 from streaming.base.format.mds.reader import MDSReader  # noqa: E402
 
@@ -197,6 +199,36 @@ class MDSImageCaptions(StreamingDataset):
         super().prepare_shard(shard_id, blocking)
         if self._shard_states[shard_id] == _ShardState.LOCAL:
             self._ready_shards.add(shard_id)
+
+    def _ready_thread(self, it: Any) -> None:
+        """streaming's ready thread, which also fetches again a shard evicted while it waited for it.
+
+        The ready thread walks the epoch's samples ahead of the reader and waits for each one's shard to be
+        local; the reader yields nothing past it. streaming 0.13 checks for an evicted shard only before it
+        starts waiting: under ``cache_limit``, when the download thread finishes the shard and a download
+        after it evicts that shard within one of the waiting thread's 7 ms sleeps (concurrent downloads do
+        not reserve their room, so the cache overshoots and the next download evicts several shards), the
+        shard stays remote, nothing fetches it again, and training stops with no error. Without
+        ``cache_limit`` nothing is evicted, and streaming's own thread runs.
+        """
+        if not self.cache_limit:
+            return super()._ready_thread(it)
+        while not it.should_exit() and it.ready_index < it.total and not self._event.is_set():
+            if self.predownload is not None and it.ready_index - it.yield_index > self.predownload:
+                sleep(TICK)  # far enough ahead of the reader
+                continue
+            sample_id = it.sample_ids[it.ready_index]
+            if sample_id != -1:  # -1: padding, nothing to wait for
+                shard_id, _ = self.spanner[sample_id]
+                while self._shard_states[shard_id] != _ShardState.LOCAL:
+                    if it.should_exit() or self._event.is_set():
+                        break
+                    if self._shard_states[shard_id] == _ShardState.REMOTE:  # never fetched, or evicted meanwhile
+                        self.prepare_shard(shard_id, False)
+                    else:
+                        sleep(TICK)  # another thread or process is fetching it
+            it.ready_index += 1
+        it.on_exit()
 
     def _resume_incr_epoch(self) -> tuple[int, int]:
         epoch, sample_in_epoch = super()._resume_incr_epoch()

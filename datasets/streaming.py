@@ -189,8 +189,9 @@ class StreamingLoader:
         Each reader (a DataLoader worker, or the process without workers; the processes of a node share the
         cache) downloads ``predownload`` samples ahead. Shuffled, each of them may sit in another shard; in
         order, they span a few shards. When those do not fit, streaming evicts shards that are still to be
-        read and downloads them again (thrashing), and it can evict one a reader is already waiting for:
-        that reader then waits forever, with no error (seen with streaming 0.13).
+        read and downloads them again (thrashing). A reader waiting for a shard that gets evicted fetches it
+        again (``MDSImageCaptions._ready_thread``; streaming 0.13's own waited forever), but every sample may
+        then cost a download.
         """
         dataset = self.dataset
         if not dataset.cache_limit:
@@ -207,8 +208,8 @@ class StreamingLoader:
             order = "shuffled" if self.shuffle else "in order"
             log.warning(
                 "streaming %s: cache_limit (%d bytes) holds %d of its largest shards (%d bytes), but up to %d can be "
-                "in use at once (%d readers x predownload %d samples, %s). streaming then downloads shards again and "
-                "again, and can stall forever waiting for an evicted one. Raise cache_limit to at least %d bytes, or "
+                "in use at once (%d readers x predownload %d samples, %s). streaming then evicts shards before they are "
+                "read and downloads them again and again. Raise cache_limit to at least %d bytes, or "
                 "lower predownload or data.workers.",
                 self.describe(), dataset.cache_limit, dataset.cache_limit // largest, largest, in_use, readers,
                 window, order, in_use * largest,

@@ -346,8 +346,8 @@ def test_with_a_cache_limit_evicted_shards_are_fetched_again(tmp_path, monkeypat
     remote = str(write_mds(tmp_path / "mds", 64))
     sizes = [path.stat().st_size for path in Path(remote).glob("*.mds")]
     assert sum(sizes) > 6 * max(sizes)
-    # streaming's minimum cache, in order, one batch ahead: shuffled or further ahead, its download thread evicts
-    # shards that its ready thread still waits for, which then waits forever (streaming's thrashing)
+    # four shards, in order, one batch ahead: streaming evicts and downloads again, and a shard evicted while the
+    # ready thread waits for it (one run in many, with streaming 0.13's own thread a hang) is fetched again
     data = loader(remote, 8, local=str(tmp_path / "copy"), cache_limit=4 * max(sizes), predownload=8, shuffle=False)
     for epoch in range(2):
         data.set_epoch(epoch)
@@ -356,6 +356,48 @@ def test_with_a_cache_limit_evicted_shards_are_fetched_again(tmp_path, monkeypat
     # epochs: its download thread stops early when its ready thread reaches the end first, so not always twice
     assert sum(len(states) for states in calls.values()) >= 64
     assert len(list((tmp_path / "copy").glob("*.mds"))) <= 4  # evicted: at most four shards fit
+
+
+def test_a_shard_evicted_while_the_ready_thread_waits_is_fetched_again(tmp_path, monkeypatch):
+    """streaming's ready thread waits for a shard it saw being fetched; evicted meanwhile, it is fetched again.
+
+    The third shard's copy is slowed so that the ready thread is already waiting for it, and right after the copy
+    the shard is evicted, as another reader's download does under a full cache. streaming 0.13's own ready thread
+    then waits forever (the reader yields nothing more, with no error); Cadenza's fetches the shard again.
+    """
+    import threading
+
+    from streaming import StreamingDataset
+    from streaming.base.dataset import _ShardState
+    from streaming.base.stream import Stream
+
+    remote = str(write_mds(tmp_path / "mds", 64))
+    sizes = [path.stat().st_size for path in Path(remote).glob("*.mds")]
+    data = loader(remote, 8, local=str(tmp_path / "copy"), cache_limit=len(sizes) * max(sizes), predownload=8)
+    target = data.dataset.shards[2]
+    evictions = []
+    copy, prepare = Stream.prepare_shard, StreamingDataset.prepare_shard
+
+    def slow_copy(stream, shard):
+        if shard is target and not evictions:
+            time.sleep(0.5)  # the ready thread reaches the shard and waits for it
+        return copy(stream, shard)
+
+    def prepare_then_evict(dataset, shard_id, blocking=True):
+        prepare(dataset, shard_id, blocking)
+        if shard_id == 2 and not evictions and dataset._shard_states[2] == _ShardState.LOCAL:
+            evictions.append(threading.current_thread().name)
+            dataset.evict_shard(2)
+
+    monkeypatch.setattr(Stream, "prepare_shard", slow_copy)
+    monkeypatch.setattr(StreamingDataset, "prepare_shard", prepare_then_evict)
+    seen: list[int] = []
+    reader = threading.Thread(target=lambda: seen.extend(sum((sample_ids(tokens) for _, tokens in data), [])))
+    reader.daemon = True  # streaming's thread would leave it waiting forever
+    reader.start()
+    reader.join(60)
+    assert not reader.is_alive(), f"the reader stalled after {len(seen)} samples (evicted by {evictions})"
+    assert evictions and sorted(seen) == list(range(64))
 
 
 def test_a_cache_limit_too_small_for_the_read_ahead_is_warned_about(tmp_path, caplog):
