@@ -31,6 +31,19 @@ from cadenza.engine.dist import DistInfo
 from cadenza.engine.errors import ConfigError
 
 
+def stop_workers(loader: DataLoader) -> None:
+    """Stop ``loader``'s persistent worker processes now; its next iteration starts new ones.
+
+    A ``DataLoader`` with ``persistent_workers`` keeps its workers' iterator until the loader itself is collected,
+    and a finished trainer is often collected late (its objects refer to each other): its idle workers then
+    outlive it, and are shut down at whatever garbage collection finds them, waiting there up to 5 s each.
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        loader._iterator = None
+        iterator._shutdown_workers()
+
+
 def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
     if not shuffle:
         return torch.arange(num_samples)
@@ -161,6 +174,10 @@ class ResumableLoader:
     def state_dict(self) -> dict[str, int]:
         consumed = self.sampler.start + self._consumed_batches * self.sampler.global_batch
         return {"epoch": self.sampler.epoch, "sample_in_epoch": consumed}
+
+    def close(self) -> None:
+        """Stop the worker processes (a later iteration starts new ones)."""
+        stop_workers(self.loader)
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.epoch = int(state["epoch"])

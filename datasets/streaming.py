@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from cadenza.datasets.context import TEACHER_EMBEDDINGS, LoaderContext
+from cadenza.datasets.loader import stop_workers
 from cadenza.datasets.samples import CaptionRule, SampleCollator, SkipCounter
 from cadenza.engine.dist import DistInfo
 from cadenza.engine.errors import CadenzaError, ConfigError, DataError
@@ -309,8 +310,7 @@ class StreamingLoader:
 
     def _release(self) -> None:
         """Drop the dataset and loader, so that a new one can take over their shared memory."""
-        if self.loader is not None and getattr(self.loader, "_iterator", None) is not None:
-            self.loader._iterator._shutdown_workers()  # persistent workers
+        self.close()
         self.dataset = self.loader = None
         gc.collect()
 
@@ -363,6 +363,11 @@ class StreamingLoader:
         iterator = getattr(self.dataset, "_iterator", None)  # streaming's, for the epoch being read here
         if iterator is not None:
             iterator.exit()
+
+    def close(self) -> None:
+        """Stop the worker processes (a later iteration starts new ones)."""
+        if self.loader is not None:
+            stop_workers(self.loader)
 
     @property
     def skipped(self) -> int:

@@ -54,6 +54,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cadenza.datasets.context import LoaderContext
+from cadenza.datasets.loader import stop_workers
 from cadenza.datasets.samples import (
     CAPTION_SALT,
     MAX_SUBSTITUTES,
@@ -661,6 +662,10 @@ class WebDataset:
     @property
     def epoch(self) -> int:
         return self._position.epoch
+
+    def close(self) -> None:
+        """Stop the worker processes (a later iteration starts new ones)."""
+        stop_workers(self.loader)
 
     def set_epoch(self, epoch: int) -> None:
         """Move to the start of ``epoch``."""

@@ -43,6 +43,9 @@ class Loader(Protocol):
             types that ``torch.load(weights_only=True)`` reads; taken between batches, on every process.
         load_state_dict(state): continue from ``state_dict()``'s output, before the next ``iter``: a loader built
             from the same config then yields exactly the batches the saved one had not yet yielded.
+        close(): stop the loader's worker processes now (``data.persistent_workers`` keeps them between epochs,
+            and they would otherwise live, idle, as long as the loader); a later ``iter`` starts new ones. The
+            trainer closes its loaders when ``fit`` ends.
     """
 
     @property
@@ -58,3 +61,5 @@ class Loader(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import doctest
 import functools
+import multiprocessing
 import os
 
 import pytest
@@ -200,7 +201,9 @@ def test_bad_rows_are_replaced_counted_and_logged(tiny, tmp_path, workers):
     recorder = RecordIds()
     overrides = (*csv_args(path), "data.val=null", "data.batch_size=8", f"data.workers={workers}")
     trainer = Trainer(tiny(*overrides, "run.duration=10ba", "run.log_interval=5ba"), callbacks=[recorder])
+    before = set(multiprocessing.active_children())
     trainer.fit()
+    assert not set(multiprocessing.active_children()) - before  # fit stopped its persistent workers
     assert all(len(ids) == 8 for ids in recorder.ids)  # batches stay full
     seen = set(sum(recorder.ids, []))
     assert not seen & set(bad)

@@ -49,7 +49,7 @@ SOURCES: dict[str, Callable[[Path], dict[str, Any]]] = {
 }
 
 
-def context(tmp_path: Path) -> LoaderContext:
+def context(tmp_path: Path, **options: Any) -> LoaderContext:
     return LoaderContext(
         train=True,
         batch_size=BATCH,
@@ -59,6 +59,7 @@ def context(tmp_path: Path) -> LoaderContext:
         transform=image_transform(IMAGE_SIZE, True),
         tokenizer=get_tokenizer("tiny-vit", context_length=CONTEXT_LENGTH),
         cache_dir=str(tmp_path / "cache"),
+        **options,
     )
 
 
@@ -71,9 +72,29 @@ def test_every_dataset_type_has_a_source():
 
 
 def test_the_protocol_is_the_contract_the_trainer_uses():
-    members = {"batches_per_epoch", "skipped", "set_epoch", "__iter__", "state_dict", "load_state_dict"}
+    members = {"batches_per_epoch", "skipped", "set_epoch", "__iter__", "state_dict", "load_state_dict", "close"}
     assert get_protocol_members(Loader) == members
     assert DATASET_RUNTIME_ARGS == ("context",)
+
+
+@pytest.mark.parametrize("kind", sorted(SOURCES))
+def test_close_stops_persistent_workers_and_the_next_epoch_starts_new_ones(kind, tmp_path):
+    import multiprocessing
+
+    options = {"workers": 1, "persistent_workers": True}
+    loader = DATASETS.build(kind, SOURCES[kind](tmp_path), "data.train", context=context(tmp_path, **options))
+    before = set(multiprocessing.active_children())
+    first = [tokens for _, tokens in loader]
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 1  # persistent: alive between epochs
+    loader.close()
+    assert not any(worker.is_alive() for worker in workers)
+    loader.set_epoch(0)
+    again = [tokens for _, tokens in loader]
+    assert len(again) == len(first) == SAMPLES // BATCH and all(map(torch.equal, again, first))
+    loader.close()
+    assert set(multiprocessing.active_children()) <= before
+    loader.close()  # closing a closed loader does nothing
 
 
 @pytest.mark.parametrize("kind", sorted(SOURCES))

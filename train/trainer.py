@@ -109,9 +109,16 @@ class Trainer:
             raise
 
     def release(self) -> None:
-        """Let go of the run folder (``fit`` does at its end; a trainer that never fits may call it)."""
-        if self._lock is not None:
-            self._lock.release()
+        """Stop the loaders' worker processes and let go of the run folder (``fit`` does at its end; a trainer that
+        never fits may call it). Persistent workers would otherwise live, idle, until the trainer is collected."""
+        state = getattr(self, "state", None)
+        try:
+            for loader in (state.train_loader, state.eval_loader) if state is not None else ():
+                if loader is not None:
+                    loader.close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
     def _build(
         self, info: dist.DistInfo, device: torch.device, loss_fn: nn.Module, algorithms: list, callbacks: list | None
