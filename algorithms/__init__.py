@@ -1,6 +1,10 @@
 """Training techniques toggled in YAML under ``algorithms:``. One module per algorithm; importing
 this package registers them all."""
 
+import cadenza.engine.deferred_imports  # noqa: F401 - first: timm, imported below, would import wandb (0.5-0.7 s)
+
+# isort: split
+
 from cadenza.algorithms.clipa import CLIPA
 from cadenza.algorithms.distillation import Distillation
 from cadenza.algorithms.ema import EMA

@@ -4,6 +4,10 @@ that know nothing of CLIP (dist, precision, fsdp, optim, checkpoints, object sto
 Nothing here imports ``cadenza.train``, ``cadenza.algorithms``, ``cadenza.datasets`` or ``cadenza.models``.
 """
 
+import cadenza.engine.deferred_imports  # noqa: F401 - before anything imports timm, which imports wandb (0.5-0.7 s)
+
+# isort: split
+
 from cadenza.engine.algorithm import Algorithm, Callback
 from cadenza.engine.errors import CadenzaError, CheckpointError, ConfigError, DataError, TrainingError
 from cadenza.engine.event import Event

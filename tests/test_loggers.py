@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -116,3 +118,35 @@ def test_wandb_offline_run_holds_the_metrics_and_a_resume_continues_it(tiny, mon
     steps = [row["_step"] for row in history if "train/loss" in row]
     assert steps == [2, 4, 6, 8]
     assert all("train/lr" in row for row in history if "train/loss" in row)
+
+
+def test_wandb_is_imported_only_when_used():
+    """timm imports wandb as it is imported (0.5-0.7 s); a Cadenza process imports it only once it uses it."""
+    code = """
+import importlib.metadata, importlib.util, inspect, sys
+import cadenza.train.cli, timm.utils.summary
+assert type(sys.modules["wandb"]).__name__ == "_DeferredModule", "importing Cadenza imported wandb"
+assert importlib.util.find_spec("wandb").origin.endswith("__init__.py")
+inspect.getmodule(inspect.getmodule)  # reads every module's __file__, as torch does while it is imported
+import wandb
+assert type(sys.modules["wandb"]).__name__ == "_DeferredModule", "inspect or import imported wandb"
+assert wandb.__version__ == importlib.metadata.version("wandb")  # the first use imports it
+assert type(sys.modules["wandb"]).__name__ == "module"
+import wandb.sdk
+from wandb import Settings
+assert timm.utils.summary.wandb.Settings is Settings is sys.modules["wandb"].Settings
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_without_wandb_installed_nothing_stands_in(monkeypatch):
+    import importlib.util
+
+    from cadenza.engine.deferred_imports import defer_wandb
+
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None)
+    defer_wandb()
+    assert "wandb" not in sys.modules  # timm's ``except ImportError`` sees no wandb, as without Cadenza
