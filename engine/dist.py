@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
 import re
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -115,15 +117,37 @@ def init_process_group(info: DistInfo, backend: str, device: torch.device) -> No
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
-    # Left to C++'s static destructors at exit, a process group whose peers are still running (rank 0 writing the last
-    # checkpoint) can abort the process ("terminate called without an active exception", SIGABRT, seen under load):
-    # shut it down at interpreter exit, after whatever ran after fit.
+    # Left to the interpreter's teardown, a gloo group's threads are stopped while Python is half gone, which now and
+    # then aborts the process at exit ("terminate called without an active exception", SIGABRT, after a finished
+    # run): take the group down at interpreter exit, after whatever ran after fit, while Python is whole.
     atexit.register(_leave_process_group)
 
 
 def _leave_process_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Destroy the process group, and make sure its threads stop now.
+
+    ``destroy_process_group`` unregisters the groups, but a gloo group's threads stop only when the group object
+    goes away, and an FSDP model's device mesh holds it (``DeviceMesh._pg_registry``); the model lives until the
+    interpreter's teardown (torch's caches of DTensor specs and redistribution plans refer to the mesh). Two
+    processes of an FSDP run still had both ``pt_gloo_runloop`` threads and ``gloo_tcp_loop`` after
+    ``destroy_process_group``, and none once the meshes let the group go.
+    """
+    if not dist.is_initialized():
+        return
+    dist.destroy_process_group()
+    if "torch.distributed.device_mesh" in sys.modules:  # only an FSDP run (or other DTensor user) made a mesh
+        gc.collect()
+        _release_mesh_groups()
+        gc.collect()  # the group goes, and with it its threads (joined here, by this thread)
+
+
+def _release_mesh_groups() -> None:
+    """Every live ``DeviceMesh`` lets go of its process groups (a mesh used after this finds none)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    for obj in gc.get_objects():
+        if isinstance(obj, DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
+            obj._pg_registry.clear()
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ MODE ``fit@N``: the same, stopped after step N of its duration, as a preempted j
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 from pathlib import Path
 
@@ -60,9 +62,24 @@ class StopAfter(Callback):
             state.stop_training = True
 
 
+def note_threads_at_exit(out: Path) -> None:
+    """At exit, after the trainer's own exit handlers (registered later, run earlier), write this process's live
+    threads to OUT/threads-rank<R>.txt: no gloo thread may be left for the interpreter's teardown."""
+
+    def note() -> None:
+        names = [
+            (Path("/proc/self/task") / task / "comm").read_text().strip() for task in os.listdir("/proc/self/task")
+        ]
+        (out / f"threads-rank{os.environ.get('RANK', '0')}.txt").write_text("\n".join(names))
+
+    if Path("/proc/self/task").is_dir():
+        atexit.register(note)
+
+
 def main() -> None:
     mode, out, *overrides = sys.argv[1:]
     out = Path(out)
+    note_threads_at_exit(out)
     cfg = load_config(ROOT / "yamls" / "tiny.yaml", overrides)
     mode, _, stop = mode.partition("@")
     callbacks = [FirstStepGradients(out)] if mode == "grads" else [StopAfter(int(stop))] if stop else []

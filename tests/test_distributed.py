@@ -38,6 +38,8 @@ def torchrun(nproc: int, mode: str, out: Path, *overrides: str) -> None:
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for threads in out.glob("threads-rank*.txt"):  # the process group's threads stopped before Python's teardown
+        assert "gloo" not in threads.read_text(), f"{threads.name}: {threads.read_text().split()}"
 
 
 @pytest.mark.parametrize(
