@@ -205,11 +205,11 @@ class MDSImageCaptions(StreamingDataset):
 
         The ready thread walks the epoch's samples ahead of the reader and waits for each one's shard to be
         local; the reader yields nothing past it. streaming 0.13 checks for an evicted shard only before it
-        starts waiting: under ``cache_limit``, when the download thread finishes the shard and a download
-        after it evicts that shard within one of the waiting thread's 7 ms sleeps (concurrent downloads do
-        not reserve their room, so the cache overshoots and the next download evicts several shards), the
-        shard stays remote, nothing fetches it again, and training stops with no error. Without
-        ``cache_limit`` nothing is evicted, and streaming's own thread runs.
+        starts waiting: under ``cache_limit``, when the shard it waits for is finished and then evicted within
+        one of its 7 ms sleeps (by a later download; concurrent downloads do not reserve their room, so the
+        cache can overshoot and the next download evict several shards), the shard stays remote, nothing
+        fetches it again, and training stops with no error. Without ``cache_limit`` nothing is evicted, and
+        streaming's own thread runs.
         """
         if not self.cache_limit:
             return super()._ready_thread(it)
