@@ -173,21 +173,32 @@ def _state(pid: int) -> str:
         return "gone"
 
 
+#: the uninterrupted 6-step job both resumes below are compared with (global batch 16)
+RESUME_JOB = (*COMMON, "run.name=job", "optim.scheduler=cosine", "optim.warmup=2ba", "checkpoint.save_interval=3ba")
+RESUME_JOB += ("run.duration=6ba", "loss.local_loss=true", "loss.gather_with_grad=true")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_job(tmp_path_factory) -> dict:
+    """RESUME_JOB in 1 process of batch 16, run once for both directions of the resume."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    torchrun(1, "fit", out, *RESUME_JOB, "data.batch_size=16")
+    return torch.load(out / "fit.pt", weights_only=True)
+
+
 @pytest.mark.parametrize(("first", "second"), [(1, 2), (2, 1)])
-def test_resume_on_another_number_of_processes(tmp_path, first, second):
+def test_resume_on_another_number_of_processes(tmp_path, first, second, uninterrupted_job):
     """Same global batch (16): 1 x 16 or 2 x 8. A 6-step job stopped after step 3 (preempted) resumes on the other
     number of processes; step count, learning rate and weights continue where one uninterrupted job goes. The loss
     is the exact one (gather_with_grad): without it each process's gradient is 1 / processes of the global one
     (OpenCLIP's rule), Adam's moments carried over are on the other scale, and the trainer warns instead
     (test_checkpoint.py)."""
-    common = (*COMMON, "run.name=job", "optim.scheduler=cosine", "optim.warmup=2ba", "checkpoint.save_interval=3ba")
-    common += ("run.duration=6ba", "loss.local_loss=true", "loss.gather_with_grad=true")
     batch = {1: "data.batch_size=16", 2: "data.batch_size=8"}
     logs = f"run.logs={tmp_path / 'shared'}"
-    torchrun(first, "fit@3", tmp_path / "a", *common, batch[first], logs)
-    torchrun(second, "fit", tmp_path / "b", *common, batch[second], "checkpoint.resume=latest", logs)
-    torchrun(1, "fit", tmp_path / "ref", *common, batch[1], f"run.logs={tmp_path / 'ref'}")
-    stopped, resumed, reference = (torch.load(tmp_path / n / "fit.pt", weights_only=True) for n in ("a", "b", "ref"))
+    torchrun(first, "fit@3", tmp_path / "a", *RESUME_JOB, batch[first], logs)
+    torchrun(second, "fit", tmp_path / "b", *RESUME_JOB, batch[second], "checkpoint.resume=latest", logs)
+    stopped, resumed = (torch.load(tmp_path / n / "fit.pt", weights_only=True) for n in ("a", "b"))
+    reference = uninterrupted_job
     assert stopped["batch"] == 3 and resumed["batch"] == reference["batch"] == 6
     assert resumed["lr"] == pytest.approx(reference["lr"])
     # The same samples in the same steps: the weights agree up to float reduction order, which Adam amplifies for
