@@ -1,7 +1,7 @@
 """Time to accuracy: wall-clock from process start to a zero-shot top-1 target on held-out handwritten digits,
 OpenCLIP's trainer (``open_clip_train`` 3.3.0) against Cadenza, the same network on the same samples.
 
-    python benchmarks/time_to_accuracy.py                # 4 systems x 3 seeds (about 8 minutes on 2 idle cores)
+    python benchmarks/time_to_accuracy.py                # 4 systems x 3 seeds (8-10 minutes on 2 idle cores)
     python benchmarks/time_to_accuracy.py --quick        # 2 systems x 1 seed, short budget (about 2-3 minutes)
     python benchmarks/time_to_accuracy.py --split-seed 1 --name time_to_accuracy_split1   # another random split
     python benchmarks/time_to_accuracy.py --algorithms   # the method cards: the fastest recipe with each algorithm
