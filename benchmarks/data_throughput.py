@@ -10,10 +10,10 @@ up with the model at the quickstart config.
 2. **Formats**: the same generated JPEGs as ``streaming`` (MDS), ``webdataset`` (tar) and ``csv`` (files), read
    through Cadenza's loaders with OpenCLIP's training transform at 224 px, with 0..N DataLoader workers. One
    epoch; the first batch (worker start-up) is not timed. images/s per worker = images/s / max(workers, 1).
-3. **Quickstart**: the quickstart model's training step alone (forward, backward, AdamW, on a real batch with its
-   captions cut as the trainer cuts them) and its ``streaming`` loader alone over the digits set, with the
-   quickstart's loader settings (a persistent worker, consecutive epochs, as in training); medians of alternating
-   rounds. Then the real thing: the quickstart config training, where ``train/data_time`` is how long each step
+3. **Quickstart**: the quickstart model's training step alone (forward, backward, its optimizer's step, on a real
+   batch with its captions cut as the trainer cuts them) and its ``streaming`` loader alone over the digits set,
+   with the quickstart's loader settings (a persistent worker, consecutive epochs, as in training); medians of
+   alternating rounds. Then the real thing: the quickstart config training, where ``train/data_time`` is how long each step
    waited for its batch.
 
 Results: benchmarks/results/data_throughput.{md,json} (or --out), with the machine, torch version and date.
