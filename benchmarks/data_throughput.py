@@ -13,8 +13,8 @@ up with the model at the quickstart config.
 3. **Quickstart**: the quickstart model's training step alone (forward, backward, its optimizer's step, on a real
    batch with its captions cut as the trainer cuts them) and its ``streaming`` loader alone over the digits set,
    with the quickstart's loader settings (a persistent worker, consecutive epochs, as in training); medians of
-   alternating rounds. Then the real thing: the quickstart config training, where ``train/data_time`` is how long each step
-   waited for its batch.
+   alternating rounds. Then the real thing: the quickstart config training, where ``train/data_time`` is how long
+   each step waited for its batch.
 
 Results: benchmarks/results/data_throughput.{md,json} (or --out), with the machine, torch version and date.
 """
