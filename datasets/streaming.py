@@ -33,6 +33,7 @@ import logging
 import os
 import statistics
 import tempfile
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,6 +72,10 @@ def export_world_env(info: DistInfo) -> None:
 
 
 # -- the loader ------------------------------------------------------------------------------------------
+#: the MDS datasets of this process not yet collected (weak references)
+_DATASETS: weakref.WeakSet = weakref.WeakSet()
+
+
 @DATASETS.register("streaming")
 class StreamingLoader:
     """Batches of ``(images, tokens)`` from MDS shards, with ``state_dict`` for exact, elastic resume (a ``Loader``).
@@ -295,6 +300,7 @@ class StreamingLoader:
                 "Check that the remote is a folder or s3:// prefix holding index.json (composer convert writes one), "
                 "and for s3:// the bucket, S3_ENDPOINT_URL and the credentials."
             ) from None
+        _DATASETS.add(self.dataset)
         context = self.context
         self.loader = streaming.StreamingDataLoader(
             self.dataset,
@@ -309,10 +315,12 @@ class StreamingLoader:
         )
 
     def _release(self) -> None:
-        """Drop the dataset and loader, so that a new one can take over their shared memory."""
+        """Drop the dataset and loader, so that a new one can take over their shared memory (streaming names it after
+        the local folder, and frees it when the dataset is collected)."""
         self.close()
         self.dataset = self.loader = None
-        gc.collect()
+        if _DATASETS:  # one built earlier in this process is not collected yet (a cycle, or this loader's last one)
+            gc.collect()  # 0.2 s with torch loaded: not at a process's first build, where there is none
 
     @property
     def batches_per_epoch(self) -> int:
