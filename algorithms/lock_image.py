@@ -12,8 +12,8 @@ from updating in frozen groups (ResNet towers). Runs once, on ``INIT``, before t
 (`unlocked_groups: 3`: the patch embedding) is part of the fastest recipe (`yamls/digits_fast.yaml`: Muon with momentum
 0.9 and no warmup, the text embeddings and the patch embedding frozen, captions cut to 8 tokens); switched off there,
 90% zero-shot top-1 after 11.7 s (median; per seed 11.7, 16.7, 10.9), after epochs 2, 3, 2 (with it: 2, 2, 2), against
-12.3 s with it (0.95x sooner with it), best top-1 within 45 s 0.9638 without against 0.9610 with it. README's
-method-card table has every algorithm side by side.
+12.3 s with it (0.95x: later with it in this run), best top-1 within 45 s 0.9638 without against 0.9610 with it.
+README's method-card table has every algorithm side by side.
 """
 
 from __future__ import annotations

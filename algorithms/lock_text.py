@@ -10,9 +10,8 @@ on ``INIT``, before the optimizer is built.
 `tiny-vit`, seeds 0, 1, 2, 2 idle CPU cores (Sapphire Rapids), 2026-12-06 19:20-19:32 UTC): Text locking is part of the
 fastest recipe (`yamls/digits_fast.yaml`: Muon with momentum 0.9 and no warmup, the text embeddings and the patch
 embedding frozen, captions cut to 8 tokens); switched off there, 90% zero-shot top-1 after 13.2 s (median; per seed
-15.1, 13.2, 12.1), after epochs 3, 3, 2 (with it: 2, 2, 2), against 12.3 s with it (1.08x: later with it in this run),
-best top-1 within 45 s 0.9666 without against 0.9610 with it. README's method-card table has every algorithm side by
-side.
+15.1, 13.2, 12.1), after epochs 3, 3, 2 (with it: 2, 2, 2), against 12.3 s with it (1.08x sooner with it), best top-1
+within 45 s 0.9666 without against 0.9610 with it. README's method-card table has every algorithm side by side.
 """
 
 from __future__ import annotations

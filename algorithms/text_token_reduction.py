@@ -32,8 +32,8 @@ later in one seed (README: Time to accuracy).
 (`length: 8, mode: random`) is part of the fastest recipe (`yamls/digits_fast.yaml`: Muon with momentum 0.9 and no
 warmup, the text embeddings and the patch embedding frozen, captions cut to 8 tokens); switched off there, 90% zero-shot
 top-1 after 14.3 s (median; per seed 10.9, 14.3, 16.1), after epochs 2, 2, 3 (with it: 2, 2, 2), against 12.3 s with it
-(1.16x: later with it in this run), best top-1 within 45 s 0.9638 without against 0.9610 with it. README's method-card
-table has every algorithm side by side.
+(1.16x sooner with it), best top-1 within 45 s 0.9638 without against 0.9610 with it. README's method-card table has
+every algorithm side by side.
 """
 
 from __future__ import annotations
