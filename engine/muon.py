@@ -26,7 +26,7 @@ recipe (`yamls/digits_fast.yaml`: Muon with momentum 0.9 and no warmup, the text
 frozen, captions cut to 8 tokens); switched off there, 90% zero-shot top-1 in no seed (per seed never, never, never; the
 median never), after epochs never, never, never (with it: 2, 2, 2), against 12.3 s with it, best top-1 within 45 s
 0.7214 without against 0.9610 with it. README's method-card table has every algorithm side by side.
-Switched off, the recipe's other settings are AdamW's: no warmup at lr 2e-3 left it at chance after the first epoch
+Switched off, AdamW runs with the recipe's settings: no warmup at lr 2e-3 left it at chance after the first epoch
 (10-12%); AdamW's own best recipe here is batch 16 at lr 1e-3 with warmup. OpenCLIP's trainer runs timm's ``Muon``
 (``--opt timm/muon``) in the benchmark's best flags and reaches 90% after the same two epochs.
 In the sweep before it (README, "Time to accuracy"; batch 16, lr 1e-3, seeds 0, 1, 2): 90% after two or three
