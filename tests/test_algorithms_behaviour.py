@@ -160,6 +160,30 @@ def test_ema_formula_by_hand():
     assert ema["weight"].item() == pytest.approx(0.75 * 1 + 0.25 * 3)
 
 
+def test_ema_copies_frozen_parameters_where_the_average_is_read():
+    model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[1].weight.fill_(1.0)
+    model[1].weight.requires_grad_(False)
+    state = State(model=model)
+    algorithm = EMA(decay=0.5)
+    algorithm.apply(Event.FIT_START, state, Logger([]))
+    with torch.no_grad():
+        model[0].weight.fill_(3.0)
+        model[1].weight.fill_(7.0)  # changed outside the optimizer
+    algorithm.apply(Event.AFTER_OPTIMIZER_STEP, state, Logger([]))
+    assert algorithm.ema["0.weight"].item() == 2.0  # averaged
+    assert algorithm.ema["1.weight"].item() == 1.0  # skipped by the step
+    assert algorithm.state_dict()["ema"]["1.weight"].item() == 7.0  # its value where the average is read
+    with torch.no_grad():
+        model[1].weight.fill_(9.0)
+    algorithm.apply(Event.EVAL_START, state, Logger([]))
+    assert model[0].weight.item() == 2.0 and model[1].weight.item() == 9.0
+    algorithm.apply(Event.EVAL_END, state, Logger([]))
+    assert model[0].weight.item() == 3.0
+
+
 def test_ema_follows_the_formula_during_training(tiny):
     class Weights(Callback):
         def __init__(self):
