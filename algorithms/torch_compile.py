@@ -5,12 +5,12 @@ and after DDP wrapping, so the compiled graph sees the final model and DDP can s
 gradient buckets. Checkpoints and evaluation use the uncompiled module (the weights are shared).
 The first steps are slow while graphs compile; later steps are faster.
 
-**Measured** (time to accuracy, `python benchmarks/time_to_accuracy.py --algorithms --seeds 0 1 2 --budget 45`; digits,
-`tiny-vit`, seeds 0, 1, 2, 2 idle CPU cores (Sapphire Rapids), 2026-12-06 19:20-19:32 UTC): switched on in the fastest
-recipe (`yamls/digits_fast.yaml`: Muon with momentum 0.9 and no warmup, the text embeddings and the patch embedding
-frozen, captions cut to 8 tokens), 90% zero-shot top-1 after 16.4 s (median; per seed 16.4, 17.4, 14.9), after epochs 2,
-2, 2 (the recipe: 2, 2, 2), against 12.3 s without (0.75x), best top-1 within 45 s 0.9610 against 0.9610 (+0.0 pt).
-README's method-card table has every algorithm side by side.
+**Measured** (time to accuracy, `python benchmarks/time_to_accuracy.py --algorithms --seeds 0 1 2 --budget 30`;
+digits, `tiny-vit`, seeds 0, 1, 2, 2 idle CPU cores (Sapphire Rapids), 2026-12-06 21:39-21:50 UTC): switched on in the
+fastest recipe (`yamls/digits_fast.yaml`: Muon at lr 1.2e-2 with momentum 0.5 and no warmup, an average of the weights
+with a half-life of 10 steps, the text embeddings frozen, captions cut to 8 tokens), 90% zero-shot top-1 after 14.6 s
+(median; per seed 29.8, 14.6, 10.3), after epochs 1, 1, 1 (the recipe: 1, 1, 1), against 7.5 s without (0.51x), best
+top-1 within 30 s 0.9694 against 0.9749 (-0.5 pt). README's method-card table has every algorithm side by side.
 """
 
 from __future__ import annotations
