@@ -20,10 +20,11 @@ or when the full-resolution phase is too short to adapt to it.
 
 **Measured** (time to accuracy, `python benchmarks/time_to_accuracy.py --algorithms --seeds 0 1 2 --budget 30`;
 digits, `tiny-vit`, seeds 0, 1, 2, 2 idle CPU cores (Sapphire Rapids), 2026-12-06 21:39-21:50 UTC): switched on in the
-fastest recipe (`yamls/digits_fast.yaml`: Muon at lr 1.2e-2 with momentum 0.5 and no warmup, an average of the weights
-with a half-life of 10 steps, the text embeddings frozen, captions cut to 8 tokens), 90% zero-shot top-1 in no seed
-(median; per seed never, never, never), after epochs never, never, never (the recipe: 1, 1, 1), against 7.5 s without
-(—), best top-1 within 30 s 0.6992 against 0.9749 (-27.6 pt). README's method-card table has every algorithm side by
+fastest recipe in place of its text-token reduction (`yamls/digits_fast.yaml`: Muon at lr 1.2e-2 with momentum 0.5 and
+no warmup, an average of the weights with a half-life of 10 steps, the text embeddings frozen, captions cut to 8
+tokens), 90% zero-shot top-1 in no seed (per seed never, never, never; the recipe: after epoch 1 in every seed, 7.5 s
+by the median); its first two epochs train at 16 px on 8 tokens exactly as progressive resizing's do, and score the
+same; best top-1 within 30 s 0.6992 against 0.9749 (-27.6 pt). README's method-card table has every algorithm side by
 side.
 """
 
