@@ -1,11 +1,11 @@
 """Exponential moving average of the weights (Polyak averaging; OpenCLIP has no flag for it).
 
 After every optimizer step from ``start`` on: ``ema = decay * ema + (1 - decay) * weights``, with
-``decay = 0.5 ** (1 / half_life)`` when the half-life is given in steps (epochs and samples are
-converted). Before ``start`` the average tracks the weights exactly. Buffers (BatchNorm statistics)
-are copied, not averaged, and so are frozen parameters (a locked tower, LoRA's base weights): their average is
-their value, copied in where the average is read (evaluation, checkpoints), not every step. With ``evaluate_with_ema`` evaluation runs on the averaged weights (swapped
-in on ``EVAL_START``, swapped back on ``EVAL_END``). The average is saved in checkpoints.
+``decay = 0.5 ** (1 / half_life)`` when the half-life is given in steps (epochs and samples are converted). Before
+``start`` the average tracks the weights exactly. Buffers (BatchNorm statistics) are copied, not averaged, and so are
+frozen parameters (a locked tower, LoRA's base weights): their average is their value, copied in where the average is
+read (evaluation, checkpoints), not every step. With ``evaluate_with_ema`` evaluation runs on the averaged weights
+(swapped in on ``EVAL_START``, swapped back on ``EVAL_END``). The average is saved in checkpoints.
 
 Under FSDP (``dist.fsdp``) the average is sharded like the weights (each process averages its own
 shards, no extra memory per process); checkpoints hold it gathered, like the weights.
