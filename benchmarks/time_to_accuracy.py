@@ -84,9 +84,9 @@ OPENCLIP_MAIN = (
 #: unfused AdamW no longer steps the 3.2M-parameter token embedding) and the patch embedding frozen
 #: (``--lock-image``: without it lr 1.2e-2 reached 90% later in every seed); Muon, through its trainer's ``--opt
 #: timm/muon`` (timm's ``Muon``; ``--eps`` must be given with a timm optimizer): 90% after 2 epochs where AdamW took
-#: 4-5; and Muon's momentum shortened and the learning rate raised as they were for the recipe (at 21:10: lr 8e-3 and
-#: momentum 0.6 gave medians of 12.6 s and 11.5 s in two tries, lr 1.2e-2 and 0.5 12.2 s, lr 1e-2 and 0.6 12.9 s,
-#: the flags of 19:00, lr 2e-3 and 0.9, 14.0-16.6 s), no warmup
+#: 4-5; no warmup; and Muon's momentum shortened and the learning rate raised as they were for the recipe (at 21:10:
+#: lr 8e-3 and momentum 0.6 gave medians of 12.6 s and 11.5 s in two tries, lr 1.2e-2 and 0.5 12.2 s, lr 1e-2 and
+#: 0.6 12.9 s; the flags of 19:00, lr 2e-3 and 0.9, 14.0-16.6 s)
 OPENCLIP_BEST = (
     "--batch-size 32 --lr 8e-3 --wd 0.1 --warmup 0 --epochs 6 --workers 1 --precision fp32 "
     "--opt timm/muon --eps 1e-6 --momentum 0.6 "
