@@ -51,6 +51,7 @@ The systems:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -78,6 +79,12 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 OPENCLIP_MAIN = (
     "import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
     "from open_clip_train.main import main; main(sys.argv[2:])"
+)
+#: the least any PyTorch trainer pays before its first step: import torch and take one optimizer step (torch's
+#: optimizers import ``torch._dynamo`` at their first ``step`` and ``zero_grad``, compiled or not)
+TORCH_FLOOR = (
+    "import torch; model = torch.nn.Linear(4, 4); optimizer = torch.optim.SGD(model.parameters(), lr=0.1); "
+    "model(torch.ones(1, 4)).sum().backward(); optimizer.step(); optimizer.zero_grad()"
 )
 #: OpenCLIP's best flags for this job (see the module doc and the sweep in README): the recipe's hyperparameters
 #: where they were best for OpenCLIP too, its text embeddings frozen (``--lock-text``, 2.4x sooner to 90%: its
@@ -284,7 +291,36 @@ def measure(system, paths, logs, name, seed, extra, budget, evaluator) -> dict:
         f"  {system:18s} seed {seed}: {len(curve)} checkpoints, best {best}, {reached} (ran {ran:.0f} s, scored in {time.perf_counter() - scoring:.0f} s)",
         flush=True,
     )
-    return {"seed": seed, "seconds_run": round(ran, 1), "curve": curve, "best_top1": best, **reached}
+    return {"seed": seed, "seconds_run": round(ran, 1), "curve": curve, "best_top1": best, **reached, **pace(curve)}
+
+
+def pace(curve: list[tuple]) -> dict[str, float | None]:
+    """Where a run's time went: ``epoch_s``, the median time between consecutive checkpoints (an epoch and a save);
+    ``start_s``, the first checkpoint's time less one such epoch (process start, imports, building the model and the
+    loader, and whatever made the first epoch slower than the rest); ``t90_after_start``, the time to 90% less
+    ``start_s``. ``None`` with fewer than two checkpoints."""
+    times = [seconds for seconds, _, _ in curve]
+    if len(times) < 2:
+        return {"start_s": None, "epoch_s": None, "t90_after_start": None}
+    epoch = statistics.median(b - a for a, b in itertools.pairwise(times))
+    start = times[0] - epoch
+    t90 = next((s for s, acc, _ in curve if acc >= 0.9), None)
+    return {
+        "start_s": round(start, 2),
+        "epoch_s": round(epoch, 2),
+        "t90_after_start": round(t90 - start, 2) if t90 is not None else None,
+    }
+
+
+def torch_floor(runs: int = 3) -> float:
+    """Median seconds of a fresh process that imports torch and takes one optimizer step (``TORCH_FLOOR``), run as the
+    trainers are (same interpreter, same environment)."""
+    seconds = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-c", TORCH_FLOOR], check=True, env=ENV)
+        seconds.append(time.perf_counter() - began)
+    return round(statistics.median(seconds), 2)
 
 
 def median_or_none(values: list[float | None], digits: int = 2) -> float | None:
@@ -297,6 +333,10 @@ def median_or_none(values: list[float | None], digits: int = 2) -> float | None:
 def summarise(runs: list[dict]) -> dict:
     out = {key: median_or_none([r[key] for r in runs]) for key in (f"t{round(100 * t)}" for t in TARGETS)}
     out["best_top1"] = median_or_none([r["best_top1"] for r in runs], digits=4)
+    for key in ("start_s", "epoch_s"):  # medians of the runs that had two checkpoints
+        known = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = round(statistics.median(known), 2) if known else None
+    out["t90_after_start"] = median_or_none([r.get("t90_after_start") for r in runs])
     return out
 
 
@@ -380,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         from cadenza.models import create_model
 
         evaluator = zero_shot_evaluator(paths["test"], create_model(ARCH))
+        floor = None if args.algorithms else torch_floor()
+        if floor is not None:
+            print(f"import torch and one optimizer step, a fresh process: {floor} s (median of 3)", flush=True)
         logs = tmp / "logs"
         logs.mkdir()
         if args.algorithms:
@@ -402,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     for entry in results.values():
         entry.update(summarise(entry["runs"]))
-    payload, rows, columns, notes = report(args, results, parity, load_before, name)
+    payload, rows, columns, notes = report(args, results, parity, load_before, floor)
     write(name, out_dir, payload, rows, columns, notes)
     plot(results, out_dir / f"{name}.png")
     return 0
@@ -414,8 +457,9 @@ def epochs_override(system: str, epochs: int) -> list[str]:
     return ["--epochs", str(epochs)]  # OpenCLIP's flag, also for composer openclip (the last one given counts)
 
 
-def report(args, results: dict, parity: dict, load_before: tuple, name: str) -> tuple[dict, list, list, str]:
+def report(args, results: dict, parity: dict, load_before: tuple, floor: float | None) -> tuple[dict, list, list, str]:
     columns = ["system", "median s to 80%", "median s to 90%", "median best top-1", "per seed: s to 90% / best"]
+    columns += ["median start s", "median epoch s"]
     rows = []
     for label, entry in results.items():
         per_seed = ", ".join(
@@ -428,6 +472,8 @@ def report(args, results: dict, parity: dict, load_before: tuple, name: str) -> 
                 "median s to 90%": entry["t90"] if entry["t90"] is not None else "not reached",
                 "median best top-1": entry["best_top1"],
                 "per seed: s to 90% / best": per_seed,
+                "median start s": entry["start_s"],
+                "median epoch s": entry["epoch_s"],
             }
         )
     payload: dict = {
@@ -477,6 +523,10 @@ def report(args, results: dict, parity: dict, load_before: tuple, name: str) -> 
             if fast.get("best_top1") is not None and best.get("best_top1") is not None
             else None
         )
+        # where the time goes: the start-up every process pays, and the rest
+        payload["torch_floor_s"] = floor
+        payload["ratio_to_90_after_start"] = ratio(best.get("t90_after_start"), fast.get("t90_after_start"))
+        payload["needed_for_3x_s"] = round(best["t90"] / 3, 2) if best.get("t90") is not None else None
         notes = (
             f"Wall-clock from process start to the first checkpoint at >= 80% / >= 90% zero-shot top-1 on the held-out "
             f"digits (split seed {args.split_seed}), medians over seeds {args.seeds}, budget {args.budget:.0f} s per "
@@ -493,7 +543,10 @@ def report(args, results: dict, parity: dict, load_before: tuple, name: str) -> 
             )
             + "; the systems alternate within each seed so that load falls on all of them. Parity of the initial "
             "forward: "
-            f"{parity}."
+            f"{parity}. Start: the first checkpoint's time less one epoch (the median time between checkpoints); "
+            f"counted from the end of each side's start, the ratio to 90% is {payload['ratio_to_90_after_start']}. "
+            f"A fresh process that imports torch and takes one optimizer step took {floor} s; 3x would need Cadenza "
+            f"at or below {payload['needed_for_3x_s']} s."
         )
     return payload, rows, columns, notes
 
