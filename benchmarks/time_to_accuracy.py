@@ -291,20 +291,25 @@ def measure(system, paths, logs, name, seed, extra, budget, evaluator) -> dict:
         f"  {system:18s} seed {seed}: {len(curve)} checkpoints, best {best}, {reached} (ran {ran:.0f} s, scored in {time.perf_counter() - scoring:.0f} s)",
         flush=True,
     )
-    return {"seed": seed, "seconds_run": round(ran, 1), "curve": curve, "best_top1": best, **reached, **pace(curve)}
+    return {
+        "seed": seed,
+        "seconds_run": round(ran, 1),
+        "curve": curve,
+        "best_top1": best,
+        **reached,
+        **pace([t for t, _, _ in curve], reached["t90"]),
+    }
 
 
-def pace(curve: list[tuple]) -> dict[str, float | None]:
+def pace(times: list[float], t90: float | None) -> dict[str, float | None]:
     """Where a run's time went: ``epoch_s``, the median time between consecutive checkpoints (an epoch and a save);
     ``start_s``, the first checkpoint's time less one such epoch (process start, imports, building the model and the
     loader, and whatever made the first epoch slower than the rest); ``t90_after_start``, the time to 90% less
-    ``start_s``. ``None`` with fewer than two checkpoints."""
-    times = [seconds for seconds, _, _ in curve]
+    ``start_s``. ``times``: the checkpoints' seconds; ``None`` with fewer than two."""
     if len(times) < 2:
         return {"start_s": None, "epoch_s": None, "t90_after_start": None}
     epoch = statistics.median(b - a for a, b in itertools.pairwise(times))
     start = times[0] - epoch
-    t90 = next((s for s, acc, _ in curve if acc >= 0.9), None)
     return {
         "start_s": round(start, 2),
         "epoch_s": round(epoch, 2),
