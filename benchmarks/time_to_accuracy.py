@@ -1,7 +1,7 @@
 """Time to accuracy: wall-clock from process start to a zero-shot top-1 target on held-out handwritten digits,
 OpenCLIP's trainer (``open_clip_train`` 3.3.0) against Cadenza, the same network on the same samples.
 
-    python benchmarks/time_to_accuracy.py                # 4 systems x 3 seeds (8-10 minutes on 2 idle cores)
+    python benchmarks/time_to_accuracy.py                # 4 systems x 3 seeds and the floors (10 minutes, 2 idle cores)
     python benchmarks/time_to_accuracy.py --quick        # 2 systems x 1 seed, short budget (about 2-3 minutes)
     python benchmarks/time_to_accuracy.py --split-seed 1 --name time_to_accuracy_split1   # another random split
     python benchmarks/time_to_accuracy.py --algorithms   # the method cards: the fastest recipe with each algorithm
@@ -30,8 +30,12 @@ OpenCLIP's trainer (``open_clip_train`` 3.3.0) against Cadenza, the same network
 5. **Report.** Per run: seconds to the first checkpoint at >= 80% and >= 90% top-1 and the best top-1 within the
    budget; per system the median over seeds (a seed that never reaches a target counts as never; the median exists
    when most seeds reach it). ``ratio_to_80`` / ``ratio_to_90``: OpenCLIP's best flags over Cadenza's fastest recipe
-   (above 1: Cadenza is sooner). Results in ``benchmarks/results/<name>.{md,json}`` and ``<name>.png`` (top-1
-   against wall-clock, every run).
+   (above 1: Cadenza is sooner). Where the time went: each run's start and epoch (``pace``), and the floors no
+   trainer of this job goes below, measured in the same run in fresh processes (``measure_floors``): importing torch
+   and timm and taking one step, and one epoch of bare forward and backward with and without the recipe's optimizer
+   step; their sum is the first checkpoint of a trainer that paid nothing else (``lower_bound_s``), and OpenCLIP
+   best's time over it the highest ratio any such trainer could reach (``ratio_ceiling``). Results in
+   ``benchmarks/results/<name>.{md,json}`` and ``<name>.png`` (top-1 against wall-clock, every run).
 
 The systems:
 
@@ -51,6 +55,7 @@ The systems:
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import json
 import math
@@ -80,11 +85,13 @@ OPENCLIP_MAIN = (
     "import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
     "from open_clip_train.main import main; main(sys.argv[2:])"
 )
-#: the least any PyTorch trainer pays before its first step: import torch and take one optimizer step (torch's
-#: optimizers import ``torch._dynamo`` at their first ``step`` and ``zero_grad``, compiled or not)
-TORCH_FLOOR = (
-    "import torch; model = torch.nn.Linear(4, 4); optimizer = torch.optim.SGD(model.parameters(), lr=0.1); "
-    "model(torch.ones(1, 4)).sum().backward(); optimizer.step(); optimizer.zero_grad()"
+#: the least a trainer pays before its first step (``{modules}``: ``torch``, or ``torch, timm`` for one on timm's
+#: towers, as both trainers here are: timm imports torchvision, whose ops import ``torch._dynamo``, and torch's
+#: optimizers import it at their first ``step`` and ``zero_grad`` anyway, compiled or not): a fresh process imports
+#: them and takes one optimizer step, timed to the end of the step as a checkpoint is (its exit takes 0.8 s more)
+START_FLOOR = (
+    "import time, {modules}; model = torch.nn.Linear(4, 4); optimizer = torch.optim.SGD(model.parameters(), lr=0.1); "
+    "model(torch.ones(1, 4)).sum().backward(); optimizer.step(); optimizer.zero_grad(); print(time.time())"
 )
 #: OpenCLIP's best flags for this job (see the module doc and the sweep in README): the recipe's hyperparameters
 #: where they were best for OpenCLIP too, its text embeddings frozen (``--lock-text``, 2.4x sooner to 90%: its
@@ -317,15 +324,89 @@ def pace(times: list[float], t90: float | None) -> dict[str, float | None]:
     }
 
 
-def torch_floor(runs: int = 3) -> float:
-    """Median seconds of a fresh process that imports torch and takes one optimizer step (``TORCH_FLOOR``), run as the
-    trainers are (same interpreter, same environment)."""
+def start_floor(modules: str, runs: int = 3) -> float:
+    """Median seconds from the start of a fresh process that imports ``modules`` and takes one optimizer step
+    (``START_FLOOR``) to the end of that step, run as the trainers are (same interpreter, same environment)."""
     seconds = []
     for _ in range(runs):
-        began = time.perf_counter()
-        subprocess.run([sys.executable, "-c", TORCH_FLOOR], check=True, env=ENV)
-        seconds.append(time.perf_counter() - began)
+        started = time.time()  # as in run(): just before the process starts
+        done = subprocess.run(
+            [sys.executable, "-c", START_FLOOR.format(modules=modules)], check=True, env=ENV, capture_output=True
+        )
+        seconds.append(float(done.stdout) - started)
     return round(statistics.median(seconds), 2)
+
+
+def bare_steps(steps: int, batch: int, warm: int = 3) -> dict[str, float]:
+    """Seconds of ``steps`` bare training steps of the benchmark's network at ``batch``, after ``warm`` untimed ones:
+    ``forward_backward``, the forward, the CLIP loss and the backward and nothing else (no data loading, no optimizer
+    step, no averaging, nothing logged or saved); ``with_muon``, the same and the recipe's optimizer step (Cadenza's
+    ``Muon``, the cheapest step that reached 90% after one epoch here: AdamW needs three or more). Both with the
+    cheapest settings either side trains with: the text and the patch embeddings frozen (the recipe's ``lock_text``,
+    OpenCLIP best's ``--lock-text`` and ``--lock-image``) and captions of 8 tokens (the recipe's
+    ``text_token_reduction``; OpenCLIP's trainer feeds all 77). Random images and tokens: the cost does not depend on
+    them."""
+    import torch
+
+    from cadenza.algorithms.lock_image import lock_image_tower
+    from cadenza.algorithms.lock_text import lock_text_tower
+    from cadenza.engine.muon import Muon
+    from cadenza.models import create_model
+    from cadenza.models.losses import ClipLoss
+
+    torch.manual_seed(0)
+    model = create_model(ARCH).train()
+    lock_text_tower(model, unlocked_layers=3)
+    lock_image_tower(model, unlocked_groups=3)
+    images = torch.randn(batch, 3, model.image_size, model.image_size)
+    tokens = torch.randint(1, model.vocab_size, (batch, 8))
+    loss_fn = ClipLoss()
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    muon = Muon([{"params": [p for _, p in named], "param_names": [n for n, _ in named]}], lr=1e-4, momentum=0.5)
+
+    def timed(optimizer: Muon | None) -> float:
+        for i in range(warm + steps):
+            if i == warm:
+                began = time.perf_counter()
+            sum(loss_fn(**model(images, tokens)).values()).backward()
+            if optimizer is not None:
+                optimizer.step()
+            model.zero_grad(set_to_none=True)
+        return round(time.perf_counter() - began, 3)
+
+    return {"forward_backward": timed(None), "with_muon": timed(muon)}
+
+
+def epoch_floor(steps: int, batch: int, runs: int = 3) -> dict[str, float]:
+    """The medians of ``bare_steps`` for one epoch's steps, each measure in a fresh process run as the trainers are
+    (same interpreter, same environment: one torch thread)."""
+    code = (
+        f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.time_to_accuracy import bare_steps; "
+        f"print(json.dumps(bare_steps({steps}, {batch})))"
+    )
+    measures = [
+        json.loads(subprocess.run([sys.executable, "-c", code], check=True, env=ENV, capture_output=True).stdout)
+        for _ in range(runs)
+    ]
+    return {key: round(statistics.median(m[key] for m in measures), 2) for key in measures[0]}
+
+
+def measure_floors(paths: dict[str, Path], runs: int = 3) -> dict:
+    """The floors of this job, each the median of ``runs`` fresh processes: ``torch_floor_s`` and ``timm_floor_s``
+    (``start_floor``: to the end of the first optimizer step, with torch alone and with timm too), and
+    ``epoch_floor_s`` (``bare_steps`` for the ``epoch_steps`` steps of one epoch at the recipe's batch, which
+    OpenCLIP's best flags share: the bare step alone, and with the recipe's optimizer step)."""
+    from cadenza.train.config import load_config
+
+    batch = load_config(FAST_RECIPE).data.batch_size
+    with open(paths["csv"], newline="") as f:
+        steps = sum(1 for _ in csv.DictReader(f)) // batch  # both trainers drop the last partial batch
+    return {
+        "torch_floor_s": start_floor("torch", runs),
+        "timm_floor_s": start_floor("torch, timm", runs),
+        "epoch_steps": steps,
+        "epoch_floor_s": epoch_floor(steps, batch, runs),
+    }
 
 
 def median_or_none(values: list[float | None], digits: int = 2) -> float | None:
@@ -425,9 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         from cadenza.models import create_model
 
         evaluator = zero_shot_evaluator(paths["test"], create_model(ARCH))
-        floor = None if args.algorithms else torch_floor()
-        if floor is not None:
-            print(f"import torch and one optimizer step, a fresh process: {floor} s (median of 3)", flush=True)
+        floors = None if args.algorithms else measure_floors(paths, runs=1 if args.quick else 3)
+        if floors is not None:
+            print(f"the floors (fresh processes): {floors}", flush=True)
         logs = tmp / "logs"
         logs.mkdir()
         if args.algorithms:
@@ -450,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     for entry in results.values():
         entry.update(summarise(entry["runs"]))
-    payload, rows, columns, notes = report(args, results, parity, load_before, floor)
+    payload, rows, columns, notes = report(args, results, parity, load_before, floors)
     write(name, out_dir, payload, rows, columns, notes)
     plot(results, out_dir / f"{name}.png")
     return 0
@@ -462,7 +543,7 @@ def epochs_override(system: str, epochs: int) -> list[str]:
     return ["--epochs", str(epochs)]  # OpenCLIP's flag, also for composer openclip (the last one given counts)
 
 
-def report(args, results: dict, parity: dict, load_before: tuple, floor: float | None) -> tuple[dict, list, list, str]:
+def report(args, results: dict, parity: dict, load_before: tuple, floors: dict | None) -> tuple[dict, list, list, str]:
     columns = ["system", "median s to 80%", "median s to 90%", "median best top-1", "per seed: s to 90% / best"]
     columns += ["median start s", "median epoch s"]
     rows = []
@@ -529,9 +610,13 @@ def report(args, results: dict, parity: dict, load_before: tuple, floor: float |
             else None
         )
         # where the time goes: the start-up every process pays, and the rest
-        payload["torch_floor_s"] = floor
         payload["ratio_to_90_after_start"] = ratio(best.get("t90_after_start"), fast.get("t90_after_start"))
         payload["needed_for_3x_s"] = round(best["t90"] / 3, 2) if best.get("t90") is not None else None
+        # the first checkpoint of a trainer on timm's towers that paid nothing but the floors, and the ratio it
+        # would reach against OpenCLIP's best flags were 90% reached after one epoch
+        payload.update(floors)
+        payload["lower_bound_s"] = {k: round(floors["timm_floor_s"] + v, 2) for k, v in floors["epoch_floor_s"].items()}
+        payload["ratio_ceiling"] = {k: ratio(best.get("t90"), v) for k, v in payload["lower_bound_s"].items()}
         notes = (
             f"Wall-clock from process start to the first checkpoint at >= 80% / >= 90% zero-shot top-1 on the held-out "
             f"digits (split seed {args.split_seed}), medians over seeds {args.seeds}, budget {args.budget:.0f} s per "
@@ -550,8 +635,15 @@ def report(args, results: dict, parity: dict, load_before: tuple, floor: float |
             "forward: "
             f"{parity}. Start: the first checkpoint's time less one epoch (the median time between checkpoints); "
             f"counted from the end of each side's start, the ratio to 90% is {payload['ratio_to_90_after_start']}. "
-            f"A fresh process that imports torch and takes one optimizer step took {floor} s; 3x would need Cadenza "
-            f"at or below {payload['needed_for_3x_s']} s."
+            f"3x would need Cadenza at or below {payload['needed_for_3x_s']} s. The floors, fresh processes: one that "
+            f"imports torch and takes one optimizer step is done {floors['torch_floor_s']} s after its start, "
+            f"{floors['timm_floor_s']} s when it imports timm too (as both trainers do); one epoch "
+            f"({floors['epoch_steps']} steps) of bare forward and backward of the network, with the cheapest settings "
+            f"either side uses, takes {floors['epoch_floor_s']['forward_backward']} s, "
+            f"{floors['epoch_floor_s']['with_muon']} s with the recipe's optimizer step. A trainer that paid only "
+            f"these and reached 90% after one epoch would checkpoint after {payload['lower_bound_s']['forward_backward']}"
+            f" s ({payload['lower_bound_s']['with_muon']} s with Muon): a ratio of at most "
+            f"{payload['ratio_ceiling']['forward_backward']} ({payload['ratio_ceiling']['with_muon']})."
         )
     return payload, rows, columns, notes
 

@@ -36,9 +36,18 @@ def test_time_to_accuracy_runs_both_trainers_and_scores_them(tmp_path):
         assert run["t90"] == t90
         assert run["t90_after_start"] == (None if t90 is None else pytest.approx(t90 - run["start_s"], abs=0.011))
     assert "ratio_to_90" in results and "ratio_to_80" in results and len(results["load_average_after"]) == 3
-    assert results["torch_floor_s"] > 0  # a fresh process importing torch and stepping an optimizer
+    # the floors: fresh processes that import and take one step (timm's imports on top of torch's), and one epoch of
+    # bare steps (one caption per image: 1,424 samples, 44 steps of 32), the optimizer's step on top of the bare one
+    assert 0 < results["torch_floor_s"] < results["timm_floor_s"]
+    assert results["epoch_steps"] == 1424 // 32
+    floor = results["epoch_floor_s"]
+    assert 0 < floor["forward_backward"] < floor["with_muon"]
     best = results["systems"]["openclip-best"]["t90"]
     assert results["needed_for_3x_s"] == (None if best is None else pytest.approx(best / 3, abs=0.006))
+    for key, epoch in floor.items():
+        lower = results["lower_bound_s"][key]
+        assert lower == pytest.approx(results["timm_floor_s"] + epoch, abs=0.011)
+        assert results["ratio_ceiling"][key] == (None if best is None else pytest.approx(best / lower, abs=0.006))
     assert "median start s" in (tmp_path / "time_to_accuracy.md").read_text()
     assert (tmp_path / "time_to_accuracy.png").stat().st_size > 0
     assert "openclip-best" in (tmp_path / "time_to_accuracy.md").read_text()
