@@ -391,14 +391,15 @@ def epoch_floor(steps: int, batch: int, runs: int = 3) -> dict[str, float]:
     return {key: round(statistics.median(m[key] for m in measures), 2) for key in measures[0]}
 
 
-def measure_floors(paths: dict[str, Path], runs: int = 3) -> dict:
+def measure_floors(paths: dict[str, Path], recipe: list[str], runs: int = 3) -> dict:
     """The floors of this job, each the median of ``runs`` fresh processes: ``torch_floor_s`` and ``timm_floor_s``
     (``start_floor``: to the end of the first optimizer step, with torch alone and with timm too), and
-    ``epoch_floor_s`` (``bare_steps`` for the ``epoch_steps`` steps of one epoch at the recipe's batch, which
-    OpenCLIP's best flags share: the bare step alone, and with the recipe's optimizer step)."""
+    ``epoch_floor_s`` (``bare_steps`` for the ``epoch_steps`` steps of one epoch at the batch of the recipe with its
+    ``--recipe`` overrides, which OpenCLIP's best flags share: the bare step alone, and with the recipe's optimizer
+    step)."""
     from cadenza.train.config import load_config
 
-    batch = load_config(FAST_RECIPE).data.batch_size
+    batch = load_config(FAST_RECIPE, recipe).data.batch_size
     with open(paths["csv"], newline="") as f:
         steps = sum(1 for _ in csv.DictReader(f)) // batch  # both trainers drop the last partial batch
     return {
@@ -506,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         from cadenza.models import create_model
 
         evaluator = zero_shot_evaluator(paths["test"], create_model(ARCH))
-        floors = None if args.algorithms else measure_floors(paths, runs=1 if args.quick else 3)
+        floors = None if args.algorithms else measure_floors(paths, args.recipe, runs=1 if args.quick else 3)
         if floors is not None:
             print(f"the floors (fresh processes): {floors}", flush=True)
         logs = tmp / "logs"
